@@ -1,0 +1,194 @@
+"""PruningCallback: Lightning hooks -> Pruner calls, logging and checkpoint state."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.optim import Optimizer
+
+from lightning_prune.criteria import Criterion
+from lightning_prune.options import PruningOptions
+from lightning_prune.patterns import Pattern
+from lightning_prune.pruner import Pruner, PruningEvent
+from lightning_prune.schedules import check_curve, check_step_spec, resolve_schedule
+from lightning_prune.targets import DEFAULT_OP_TYPES
+
+
+class PruningCallback(Callback):
+    r"""Prune the model while it trains, raising sparsity on a schedule up to ``target_sparsity``.
+
+    Masks are bool tensors applied in place after every real optimizer step, so the model keeps its
+    plain forward and ``state_dict`` keys. Masks, scores, the step count and the event history are
+    part of the callback's state and come back exactly when training resumes from a checkpoint.
+    Every argument is checked here, before training, and a bad one raises ``ValueError`` naming it.
+
+    Args:
+        target_sparsity: final fraction of zeros among the targeted weights, in ``[0, 1)``.
+        pattern: shape of the zeros: ``"1x1"`` (unstructured), ``"NxM"`` blocks of N output rows by M
+            input columns (e.g. ``"4x1"``), ``"channelx1"`` (whole input channels), ``"1xchannel"``
+            (whole output channels/filters), ``"N:M"`` (at most N non-zeros per M consecutive input
+            weights, e.g. ``"2:4"``), or a ``Pattern`` object.
+        criterion: how weights are scored: ``"magnitude"`` or a ``Criterion`` object.
+        start_step: optimizer step where sparsity starts to rise. An int is a step; a float in
+            ``(0, 1]`` is that fraction of ``trainer.estimated_stepping_batches``; ``None`` is 0.
+        end_step: optimizer step of the last event, where ``target_sparsity`` is reached. Same forms as
+            ``start_step``; ``None`` is 3/4 of training, leaving the last quarter to fine-tune.
+            ``end_step == start_step`` prunes once (one-shot); one-shot at 0 prunes before training.
+        frequency: optimizer steps between events; ``None`` gives about 20 events in the window.
+        sparsity_curve: how sparsity rises between events: ``"exp"``, ``"cos"``, ``"linear"``,
+            ``"cube"`` or ``"agp"`` (Zhu & Gupta 2017).
+        scope: ``"global"`` ranks all targets together (layers end at different sparsities);
+            ``"local"`` prunes every layer to the same sparsity.
+        include: regexes over qualified module names (``re.search``); only matching modules are pruned.
+        exclude: regexes over qualified module names that are never pruned.
+        op_types: module class names whose weights are pruned; subclasses count.
+        skip_last_layer: leave the last matching module in registration order (the head) dense.
+        min_sparsity_per_layer: least sparsity of any targeted layer (global scope).
+        max_sparsity_per_layer: most sparsity of any targeted layer.
+        verbose: print what is pruned at the start of fit.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_prune import PruningCallback
+        >>> trainer = Trainer(callbacks=[PruningCallback(target_sparsity=0.9, pattern="4x1")])
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float = 0.9,
+        pattern: str | Pattern = "4x1",
+        criterion: str | Criterion = "magnitude",
+        start_step: int | float | None = None,
+        end_step: int | float | None = None,
+        frequency: int | None = None,
+        sparsity_curve: str = "exp",
+        scope: str = "global",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        op_types: Sequence[str] = DEFAULT_OP_TYPES,
+        skip_last_layer: bool = True,
+        min_sparsity_per_layer: float = 0.0,
+        max_sparsity_per_layer: float = 0.98,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.options = PruningOptions(
+            target_sparsity=target_sparsity,
+            pattern=pattern,  # type: ignore[arg-type]
+            criterion=criterion,  # type: ignore[arg-type]
+            scope=scope,
+            include=include,  # type: ignore[arg-type]
+            exclude=exclude,  # type: ignore[arg-type]
+            op_types=op_types,  # type: ignore[arg-type]
+            skip_last_layer=skip_last_layer,
+            min_sparsity_per_layer=min_sparsity_per_layer,
+            max_sparsity_per_layer=max_sparsity_per_layer,
+        )
+        self.start_step = check_step_spec("start_step", start_step)
+        self.end_step = check_step_spec("end_step", end_step)
+        same_kind = self.start_step is not None and type(self.start_step) is type(self.end_step)
+        if same_kind and self.end_step < self.start_step:  # type: ignore[operator]
+            raise ValueError(f"end_step={end_step!r} is before start_step={start_step!r}")
+        if frequency is not None and (
+            isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1
+        ):
+            raise ValueError(f"frequency={frequency!r} must be an int >= 1 or null (about 20 events)")
+        self.frequency = frequency
+        self.sparsity_curve = check_curve(sparsity_curve)
+        self.verbose = verbose
+        #: The engine, built at the start of fit; ``None`` before.
+        self.pruner: Pruner | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._logged_events = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            target_sparsity=self.options.target_sparsity,
+            pattern=str(self.options.pattern),
+            criterion=type(self.options.criterion).__name__,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here the model is on its device and the optimizers exist; restored state may be waiting.
+        schedule = resolve_schedule(
+            self.start_step,
+            self.end_step,
+            self.frequency,
+            self.sparsity_curve,
+            trainer.estimated_stepping_batches,
+        )
+        self.pruner = Pruner(pl_module, schedule, self.options)
+        if self._pending_state is not None:
+            self.pruner.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._logged_events = len(self.pruner.events)
+        if self.verbose:
+            self._describe(self.pruner)
+        for optimizer in trainer.optimizers:
+            # Lightning's on_before_optimizer_step feeds gradient criteria: with a closure the
+            # gradients only exist inside optimizer.step, after any pre-hook.
+            self.pruner.attach(optimizer, accumulate_before_step=False)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self.pruner is not None:
+            self.pruner.accumulate_scores()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.pruner is None or len(self.pruner.events) == self._logged_events:
+            return
+        for event in self.pruner.events[self._logged_events :]:
+            self._log_event(trainer, pl_module, event)
+        self._logged_events = len(self.pruner.events)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.pruner is not None:
+            self.pruner.detach()
+
+    # ------------------------------------------------------------------ reporting
+    def _log_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: PruningEvent) -> None:
+        metrics = {"pruning/sparsity": event.sparsity, "pruning/target_sparsity": event.target_sparsity}
+        metrics.update({f"pruning/sparsity/{name}": value for name, value in event.layer_sparsity.items()})
+        # Straight to the loggers: self.log would drop events that miss `log_every_n_steps`.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=event.step)
+        pl_module.log("sparsity", event.sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def _describe(self, pruner: Pruner) -> None:
+        schedule = pruner.schedule
+        weights = sum(t.param.numel() for t in pruner.targets)
+        window = (
+            f"one-shot at step {schedule.start_step}"
+            if schedule.one_shot
+            else f"steps {schedule.start_step}->{schedule.end_step} every {schedule.frequency} ({schedule.curve})"
+        )
+        rank_zero_info(
+            f"lightning_prune: {len(pruner.targets)} layers ({weights:,} weights) to "
+            f"{self.options.target_sparsity:.0%} with pattern {str(self.options.pattern)!r}, "
+            f"criterion {self.options.criterion!r}, {self.options.scope} scope, {window}"
+        )
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        if self.pruner is not None:
+            return self.pruner.state_dict()
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.pruner is not None:
+            self.pruner.load_state_dict(state_dict)
+            self._logged_events = len(self.pruner.events)
+        else:
+            self._pending_state = state_dict

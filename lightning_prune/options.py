@@ -1,0 +1,112 @@
+"""What to prune and how far: the options shared by the callback and the Pruner, checked in one place."""
+
+from __future__ import annotations
+
+import numbers
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lightning_prune.criteria import Criterion, parse_criterion
+from lightning_prune.patterns import Pattern, parse_pattern
+from lightning_prune.targets import DEFAULT_OP_TYPES, compile_patterns
+
+SCOPES = ("global", "local")
+
+
+def check_fraction(key: str, value: object, *, upper_inclusive: bool) -> float:
+    """Return ``value`` as a float in ``[0, 1)`` (or ``[0, 1]``), else raise naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{key}={value!r} must be a number in [0, {'1]' if upper_inclusive else '1)'}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0):
+        raise ValueError(f"{key}={value} is outside [0, {'1]' if upper_inclusive else '1)'}")
+    return value
+
+
+@dataclass(frozen=True)
+class PruningOptions:
+    """What the callback or a :class:`~lightning_prune.pruner.Pruner` prunes, and how far.
+
+    Strings are parsed into strategy objects here, so a config file and Python code give the same
+    result, and every bad value raises at construction with the key, the value and what is accepted.
+
+    Args:
+        target_sparsity: final fraction of zeros among the targeted weights, in ``[0, 1)``.
+        pattern: ``"1x1"``, ``"NxM"``, ``"channelx1"``, ``"1xchannel"``, ``"N:M"`` or a Pattern.
+        criterion: a registered criterion name or a Criterion object.
+        scope: ``"global"`` ranks all targets together; ``"local"`` prunes each layer to the target.
+        include: regexes (``re.search``) over qualified module names; only matches are pruned.
+        exclude: regexes over qualified module names that are never pruned.
+        op_types: module class names whose weights are pruned (subclasses count).
+        skip_last_layer: leave the last targeted module in registration order (the head) dense.
+        min_sparsity_per_layer: least sparsity of any targeted layer.
+        max_sparsity_per_layer: most sparsity of any targeted layer.
+    """
+
+    target_sparsity: float = 0.9
+    pattern: Pattern = field(default="4x1")  # type: ignore[assignment]
+    criterion: Criterion = field(default="magnitude")  # type: ignore[assignment]
+    scope: str = "global"
+    include: tuple[re.Pattern[str], ...] = ()
+    exclude: tuple[re.Pattern[str], ...] = ()
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    skip_last_layer: bool = True
+    min_sparsity_per_layer: float = 0.0
+    max_sparsity_per_layer: float = 0.98
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise once, here
+        set_(
+            self,
+            "target_sparsity",
+            check_fraction("target_sparsity", self.target_sparsity, upper_inclusive=False),
+        )
+        set_(self, "pattern", parse_pattern(self.pattern))
+        set_(self, "criterion", parse_criterion(self.criterion))
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r} is not one of {list(SCOPES)}")
+        set_(self, "include", _compiled("include", self.include))
+        set_(self, "exclude", _compiled("exclude", self.exclude))
+        set_(self, "op_types", _op_types(self.op_types))
+        if not isinstance(self.skip_last_layer, bool):
+            raise ValueError(f"skip_last_layer={self.skip_last_layer!r} must be true or false")
+        low = check_fraction("min_sparsity_per_layer", self.min_sparsity_per_layer, upper_inclusive=True)
+        high = check_fraction("max_sparsity_per_layer", self.max_sparsity_per_layer, upper_inclusive=True)
+        set_(self, "min_sparsity_per_layer", low)
+        set_(self, "max_sparsity_per_layer", high)
+        if low > high:
+            raise ValueError(
+                f"min_sparsity_per_layer={low} is above max_sparsity_per_layer={high}; need min <= max"
+            )
+        target = self.target_sparsity
+        if not low <= target <= high:
+            raise ValueError(
+                f"target_sparsity={target} is outside [min_sparsity_per_layer, max_sparsity_per_layer] = "
+                f"[{low}, {high}]; no layer assignment can reach it"
+            )
+        if target > self.pattern.max_sparsity + 1e-9:
+            raise ValueError(
+                f"target_sparsity={target} is above {self.pattern.max_sparsity:g}, the most that pattern "
+                f"{str(self.pattern)!r} can reach (1 - N/M); use target_sparsity <= {self.pattern.max_sparsity:g}"
+            )
+
+
+def _compiled(key: str, value: object) -> tuple[re.Pattern[str], ...]:
+    if isinstance(value, tuple) and all(isinstance(v, re.Pattern) for v in value):
+        return value
+    return compile_patterns(key, value)  # type: ignore[arg-type]
+
+
+def _op_types(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence) or not value:
+        raise ValueError(f"op_types={value!r} must be a non-empty list of module class names")
+    names = []
+    for entry in value:
+        name = entry.__name__ if isinstance(entry, type) else entry
+        if not isinstance(name, str):
+            raise ValueError(f"op_types entry {entry!r} must be a module class name such as 'Linear'")
+        names.append(name)
+    return tuple(names)

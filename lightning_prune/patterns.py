@@ -1,0 +1,294 @@
+"""Patterns: the shape the zeros take.
+
+A pattern turns a weight-shaped tensor of element scores into one *cost* per group (lower is pruned
+first) and turns a set of pruned groups back into a weight-shaped mask. Every weight is seen in one
+canonical layout, ``(out, K, in)``: ``out`` output rows/filters, ``K`` kernel positions (1 for
+Linear) and ``in`` input channels. Conv weights are read channels-last so that blocks and N:M groups
+run along input channels at a fixed kernel position, the layout that sparse kernels accelerate.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+REDUCTIONS: dict[str, Callable[[Tensor, tuple[int, ...]], Tensor]] = {
+    "mean": lambda t, dims: t.mean(dim=dims),
+    "sum": lambda t, dims: t.sum(dim=dims),
+    "max": lambda t, dims: t.amax(dim=dims),
+}
+
+
+def to_canonical(t: Tensor) -> Tensor:
+    """View a weight-shaped tensor ``(out, in, *kernel)`` as ``(out, K, in)``."""
+    if t.dim() < 2:
+        raise ValueError(f"a pattern needs a weight with at least 2 dims, got shape {tuple(t.shape)}")
+    if t.dim() == 2:
+        return t.unsqueeze(1)
+    return t.flatten(2).transpose(1, 2)
+
+
+def from_canonical(t: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`to_canonical`: ``(out, K, in)`` back to the weight's own ``shape``."""
+    if len(shape) == 2:
+        return t.squeeze(1)
+    return t.transpose(1, 2).reshape(shape)
+
+
+def canonical_dims(shape: torch.Size) -> tuple[int, int, int]:
+    """``(out, K, in)`` of a weight shape."""
+    kernel = 1
+    for size in shape[2:]:
+        kernel *= size
+    return shape[0], kernel, shape[1]
+
+
+class Pattern(ABC):
+    """How element scores are grouped and how pruned groups become a mask.
+
+    Subclasses implement :meth:`group_costs`, :meth:`pruned_elements` and :meth:`group_size`; they
+    hold configuration only, no state, so one instance serves any number of layers.
+    """
+
+    #: Largest fraction of a layer this pattern can zero.
+    max_sparsity: float = 1.0
+
+    def tiling_error(self, shape: torch.Size) -> str | None:
+        """Why this pattern cannot tile a weight of ``shape``, or ``None`` when it can."""
+        return None
+
+    @abstractmethod
+    def group_costs(self, scores: Tensor) -> Tensor:
+        """One cost per group (any shape); the groups with the lowest cost are pruned first."""
+
+    @abstractmethod
+    def pruned_elements(self, pruned_groups: Tensor, scores: Tensor) -> Tensor:
+        """Weight-shaped bool tensor, ``True`` where a weight is pruned.
+
+        Args:
+            pruned_groups: bool tensor shaped like :meth:`group_costs`'s result.
+            scores: the element scores the costs came from.
+        """
+
+    @abstractmethod
+    def group_size(self, shape: torch.Size) -> int:
+        """How many weights one pruned group zeroes in a weight of ``shape``."""
+
+    @abstractmethod
+    def __str__(self) -> str:
+        """The pattern string a config file would write, e.g. ``"4x1"``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), str(self)))
+
+
+class UnstructuredPattern(Pattern):
+    """``"1x1"``: every weight is its own group."""
+
+    def group_costs(self, scores: Tensor) -> Tensor:
+        return scores
+
+    def pruned_elements(self, pruned_groups: Tensor, scores: Tensor) -> Tensor:
+        return pruned_groups
+
+    def group_size(self, shape: torch.Size) -> int:
+        return 1
+
+    def __str__(self) -> str:
+        return "1x1"
+
+
+class _BlockPattern(Pattern):
+    """Rectangular blocks of the canonical ``(out, K, in)`` layout, zeroed whole.
+
+    ``None`` as a block extent means "the whole dimension".
+    """
+
+    def __init__(self, reduce: str = "mean") -> None:
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce={reduce!r} is not one of {sorted(REDUCTIONS)}")
+        self.reduce = reduce
+
+    @abstractmethod
+    def _block(self) -> tuple[int | None, int | None, int | None]:
+        """Block extent along (out, K, in); ``None`` spans the whole dimension."""
+
+    def _extent(self, shape: torch.Size) -> tuple[int, int, int]:
+        dims = canonical_dims(shape)
+        return tuple(d if b is None else b for b, d in zip(self._block(), dims, strict=True))  # type: ignore[return-value]
+
+    def tiling_error(self, shape: torch.Size) -> str | None:
+        if len(shape) < 2:
+            return f"pattern {str(self)!r} needs a weight with at least 2 dims, got shape {tuple(shape)}"
+        out, _, inp = canonical_dims(shape)
+        rows, _, cols = self._extent(shape)
+        if out % rows or inp % cols:
+            return (
+                f"pattern {str(self)!r} needs output size divisible by {rows} and input size divisible "
+                f"by {cols}, got weight shape {tuple(shape)} (out={out}, in={inp})"
+            )
+        return None
+
+    def group_costs(self, scores: Tensor) -> Tensor:
+        out, kernel, inp = canonical_dims(scores.shape)
+        rows, span, cols = self._extent(scores.shape)
+        blocks = to_canonical(scores).reshape(out // rows, rows, kernel // span, span, inp // cols, cols)
+        return REDUCTIONS[self.reduce](blocks, (1, 3, 5))
+
+    def pruned_elements(self, pruned_groups: Tensor, scores: Tensor) -> Tensor:
+        out, kernel, inp = canonical_dims(scores.shape)
+        rows, span, cols = self._extent(scores.shape)
+        grid = pruned_groups[:, None, :, None, :, None]
+        expanded = grid.expand(out // rows, rows, kernel // span, span, inp // cols, cols)
+        return from_canonical(expanded.reshape(out, kernel, inp), scores.shape)
+
+    def group_size(self, shape: torch.Size) -> int:
+        rows, span, cols = self._extent(shape)
+        return rows * span * cols
+
+
+class BlockPattern(_BlockPattern):
+    """``"NxM"``: blocks of ``rows`` output rows by ``cols`` input columns.
+
+    For convolutions a block spans ``rows`` filters and ``cols`` input channels at one kernel
+    position.
+
+    Args:
+        rows: block height N (output rows/filters), at least 1.
+        cols: block width M (input columns/channels), at least 1.
+        reduce: how element scores make a block score: ``"mean"``, ``"sum"`` or ``"max"``.
+    """
+
+    def __init__(self, rows: int, cols: int, reduce: str = "mean") -> None:
+        super().__init__(reduce)
+        if rows < 1 or cols < 1:
+            raise ValueError(f"block pattern '{rows}x{cols}' needs both sizes >= 1")
+        self.rows, self.cols = rows, cols
+
+    def _block(self) -> tuple[int | None, int | None, int | None]:
+        return self.rows, 1, self.cols
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+
+class ChannelPattern(_BlockPattern):
+    """Whole channels: ``"channelx1"`` (input channels/columns) or ``"1xchannel"`` (output filters/rows).
+
+    Args:
+        dim: ``"input"`` for ``channelx1``, ``"output"`` for ``1xchannel``.
+        reduce: how element scores make a channel score: ``"mean"``, ``"sum"`` or ``"max"``.
+    """
+
+    def __init__(self, dim: str = "output", reduce: str = "mean") -> None:
+        super().__init__(reduce)
+        if dim not in ("input", "output"):
+            raise ValueError(f"dim={dim!r} is not one of ['input', 'output']")
+        self.dim = dim
+
+    def _block(self) -> tuple[int | None, int | None, int | None]:
+        return (None, None, 1) if self.dim == "input" else (1, None, None)
+
+    def __str__(self) -> str:
+        return "channelx1" if self.dim == "input" else "1xchannel"
+
+
+class NMPattern(Pattern):
+    """``"N:M"``: at most ``n`` non-zeros in every ``m`` consecutive input weights (2:4 = 50%).
+
+    A group is a run of ``m`` input weights; pruning it zeroes its ``m - n`` lowest-scored weights,
+    and its cost is the reduced score of those. Ranking groups lets a schedule make a growing share
+    of groups N:M until every group is, which is the pattern's largest sparsity ``1 - n/m``.
+
+    Args:
+        n: non-zeros kept per group, at least 1.
+        m: group length, greater than ``n``.
+        reduce: how the scores of the weights a group would lose make its cost.
+    """
+
+    def __init__(self, n: int, m: int, reduce: str = "mean") -> None:
+        if not 0 < n < m:
+            raise ValueError(f"N:M pattern '{n}:{m}' needs 0 < N < M")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce={reduce!r} is not one of {sorted(REDUCTIONS)}")
+        self.n, self.m, self.reduce = n, m, reduce
+
+    @property
+    def max_sparsity(self) -> float:  # type: ignore[override]
+        return 1.0 - self.n / self.m
+
+    def tiling_error(self, shape: torch.Size) -> str | None:
+        if len(shape) < 2:
+            return f"pattern {str(self)!r} needs a weight with at least 2 dims, got shape {tuple(shape)}"
+        inp = shape[1]
+        if inp % self.m:
+            return f"pattern {str(self)!r} needs input size divisible by {self.m}, got weight shape {tuple(shape)}"
+        return None
+
+    def _groups(self, scores: Tensor) -> Tensor:
+        out, kernel, inp = canonical_dims(scores.shape)
+        return to_canonical(scores).reshape(out, kernel, inp // self.m, self.m)
+
+    def _lowest(self, groups: Tensor) -> Tensor:
+        # Stable sort over a handful of elements: cheap, and ties break the same way everywhere.
+        return groups.argsort(dim=-1, stable=True)[..., : self.m - self.n]
+
+    def group_costs(self, scores: Tensor) -> Tensor:
+        groups = self._groups(scores)
+        lost = groups.gather(-1, self._lowest(groups))
+        return REDUCTIONS[self.reduce](lost, (-1,))
+
+    def pruned_elements(self, pruned_groups: Tensor, scores: Tensor) -> Tensor:
+        groups = self._groups(scores)
+        pruned = torch.zeros_like(groups, dtype=torch.bool)
+        pruned.scatter_(-1, self._lowest(groups), True)
+        pruned &= pruned_groups.unsqueeze(-1)
+        out, kernel, inp = canonical_dims(scores.shape)
+        return from_canonical(pruned.reshape(out, kernel, inp), scores.shape)
+
+    def group_size(self, shape: torch.Size) -> int:
+        return self.m - self.n
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+PATTERN_HELP = "'1x1', 'NxM' (e.g. '4x1'), 'channelx1', '1xchannel', 'N:M' (e.g. '2:4'), or a Pattern object"
+
+
+def parse_pattern(spec: str | Pattern) -> Pattern:
+    """Turn a pattern string from a config into a :class:`Pattern`; objects pass through.
+
+    Raises:
+        ValueError: naming the value and what is accepted.
+    """
+    if isinstance(spec, Pattern):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"pattern={spec!r} is not a string or Pattern; accepted: {PATTERN_HELP}")
+    text = spec.strip().lower()
+    if text == "channelx1":
+        return ChannelPattern("input")
+    if text == "1xchannel":
+        return ChannelPattern("output")
+    if match := re.fullmatch(r"(\d+)x(\d+)", text):
+        rows, cols = int(match[1]), int(match[2])
+        if rows < 1 or cols < 1:
+            raise ValueError(f"pattern={spec!r}: block sizes must be >= 1; accepted: {PATTERN_HELP}")
+        return UnstructuredPattern() if rows == cols == 1 else BlockPattern(rows, cols)
+    if match := re.fullmatch(r"(\d+):(\d+)", text):
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise ValueError(f"pattern={spec!r}: N:M needs 0 < N < M (e.g. '2:4'); accepted: {PATTERN_HELP}")
+        return NMPattern(n, m)
+    raise ValueError(f"pattern={spec!r} is not a known pattern; accepted: {PATTERN_HELP}")

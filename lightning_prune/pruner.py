@@ -1,0 +1,240 @@
+"""The Pruner: targets, masks, scores and the step counter. Knows nothing of Lightning.
+
+Use it from a plain PyTorch loop::
+
+    pruner = Pruner(model, Schedule(start_step=0, end_step=1000, frequency=50),
+                    PruningOptions(target_sparsity=0.9, pattern="4x1"))
+    pruner.attach(optimizer)      # counts real steps, prunes on schedule, re-applies masks
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_prune.options import PruningOptions
+from lightning_prune.schedules import Schedule
+from lightning_prune.targets import Target, select_targets
+from lightning_prune.thresholds import LayerGroups, select_groups
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PruningEvent:
+    """What one pruning event did.
+
+    Args:
+        step: optimizer steps taken when it happened.
+        target_sparsity: sparsity the schedule asked for.
+        sparsity: sparsity reached over all targets.
+        layer_sparsity: sparsity reached per target, by module name.
+    """
+
+    step: int
+    target_sparsity: float
+    sparsity: float
+    layer_sparsity: dict[str, float]
+
+
+class Pruner:
+    """Prunes ``model`` in place on a schedule; masks are bool and applied after every real step.
+
+    Args:
+        model: the network whose weights are pruned.
+        schedule: when events happen and how sparsity rises.
+        options: what to prune and how; defaults to :class:`PruningOptions` ``()``.
+
+    Raises:
+        ValueError: when the options select no layer, or no selected layer can take the pattern.
+    """
+
+    def __init__(self, model: nn.Module, schedule: Schedule, options: PruningOptions | None = None) -> None:
+        self.options = options or PruningOptions()
+        self.schedule = schedule
+        pattern = self.options.pattern
+        candidates = select_targets(
+            model,
+            include=self.options.include,
+            exclude=self.options.exclude,
+            op_types=self.options.op_types,
+            skip_last_layer=self.options.skip_last_layer,
+        )
+        #: Layers left dense because the pattern cannot tile them, with the reason.
+        self.skipped: dict[str, str] = {}
+        self.targets: list[Target] = []
+        for target in candidates:
+            reason = pattern.tiling_error(target.param.shape)
+            if reason is None:
+                self.targets.append(target)
+            else:
+                self.skipped[target.name] = reason
+        if self.skipped:
+            rank_zero_warn(
+                f"lightning_prune leaves {len(self.skipped)} layer(s) dense because pattern {str(pattern)!r} "
+                f"cannot tile them: {self.skipped}. Exclude them or pick another pattern to silence this."
+            )
+        if not self.targets:
+            raise ValueError(f"pattern {str(pattern)!r} cannot tile any selected layer: {self.skipped}")
+        self.masks: list[Tensor] = [torch.ones_like(t.param, dtype=torch.bool) for t in self.targets]
+        criterion = self.options.criterion
+        self.buffers: list[Tensor | None] = [criterion.init_buffer(t.param) for t in self.targets]
+        #: Real optimizer steps taken (steps skipped by an AMP gradient scaler do not count).
+        self.step = 0
+        #: Every event so far, oldest first.
+        self.events: list[PruningEvent] = []
+        self._handles: list[RemovableHandle] = []
+
+    # ------------------------------------------------------------------ the training loop
+    def attach(self, optimizer: Optimizer, *, accumulate_before_step: bool = True) -> None:
+        """Hook ``optimizer`` so that each real step is counted, pruned on schedule and re-masked.
+
+        Call once per optimizer. A due event at the current step (a one-shot at step 0) runs now.
+
+        Args:
+            optimizer: an optimizer over (some of) the model's parameters.
+            accumulate_before_step: let gradient criteria read gradients in a step pre-hook. Turn
+                off when the caller feeds :meth:`accumulate_scores` itself (the Lightning callback
+                does, because with a closure the gradients only exist inside ``step``).
+        """
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        pairs = [(t.param, m) for t, m in zip(self.targets, self.masks, strict=True) if id(t.param) in owned]
+        params, masks = [p for p, _ in pairs], [m for _, m in pairs]
+
+        def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
+            self.on_optimizer_step(params, masks)
+
+        self._handles.append(optimizer.register_step_post_hook(after_step))
+        if accumulate_before_step and self.options.criterion.needs_gradients:
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.accumulate_scores()))
+        self.prune_if_due()
+
+    def detach(self) -> None:
+        """Remove every optimizer hook :meth:`attach` added."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def accumulate_scores(self) -> None:
+        """Fold the current gradients into the criterion's buffers (no-op for magnitude)."""
+        criterion = self.options.criterion
+        if not criterion.needs_gradients:
+            return
+        with torch.no_grad():
+            for target, buffer in zip(self.targets, self.buffers, strict=True):
+                criterion.accumulate(buffer, target.param)
+
+    def on_optimizer_step(self, params: Sequence[Tensor], masks: Sequence[Tensor]) -> PruningEvent | None:
+        """Count one real step; prune if it is an event, else re-apply the masks of ``params``."""
+        self.step += 1
+        if self.schedule.is_event(self.step):
+            return self.prune(self.schedule.sparsity_at(self.step, self.options.target_sparsity))
+        if params:
+            with torch.no_grad():
+                torch._foreach_mul_(list(params), list(masks))
+        return None
+
+    def prune_if_due(self) -> PruningEvent | None:
+        """Run the event due at the current step unless it already ran (e.g. before a resume)."""
+        already_done = bool(self.events) and self.events[-1].step == self.step
+        if self.schedule.is_event(self.step) and not already_done:
+            return self.prune(self.schedule.sparsity_at(self.step, self.options.target_sparsity))
+        return None
+
+    # ------------------------------------------------------------------ pruning
+    @torch.no_grad()
+    def prune(self, sparsity: float) -> PruningEvent:
+        """Raise the targets to ``sparsity`` now: scores -> pattern -> selection -> masks -> weights.
+
+        Masks only grow: weights pruned earlier are ranked below every live weight.
+        """
+        pattern, criterion = self.options.pattern, self.options.criterion
+        layers, scores = [], []
+        for target, mask, buffer in zip(self.targets, self.masks, self.buffers, strict=True):
+            score = criterion.score(buffer, target.param).masked_fill_(~mask, float("-inf"))
+            costs = pattern.group_costs(score)
+            layers.append(LayerGroups(costs.flatten(), pattern.group_size(score.shape), score.numel()))
+            scores.append((score, costs.shape))
+        selected = select_groups(
+            layers,
+            sparsity,
+            self.options.scope,
+            self.options.min_sparsity_per_layer,
+            self.options.max_sparsity_per_layer,
+        )
+        for mask, (score, group_shape), pruned in zip(self.masks, scores, selected, strict=True):
+            mask.copy_(~pattern.pruned_elements(pruned.view(group_shape), score))
+        for buffer in self.buffers:
+            criterion.after_event(buffer)
+        self.apply_masks()
+        event = PruningEvent(self.step, sparsity, self.sparsity, self.layer_sparsity())
+        self.events.append(event)
+        return event
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every pruned weight of every target in place."""
+        torch._foreach_mul_([t.param for t in self.targets], self.masks)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of pruned weights over all targets, from the masks."""
+        pruned = sum(int((~m).sum()) for m in self.masks)
+        return pruned / sum(m.numel() for m in self.masks)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of pruned weights per target, by module name, from the masks."""
+        pruned = torch.stack([(~m).sum() for m in self.masks]).tolist()
+        return {t.name: p / m.numel() for t, m, p in zip(self.targets, self.masks, pruned, strict=True)}
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, score buffers, step and history: all that an exact resume needs."""
+        names = [t.name for t in self.targets]
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "pattern": str(self.options.pattern),
+            "masks": dict(zip(names, self.masks, strict=True)),
+            "buffers": dict(zip(names, self.buffers, strict=True)),
+            "events": [asdict(e) for e in self.events],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output and re-apply the masks to the weights.
+
+        Raises:
+            ValueError: when the checkpoint's targets or pattern differ from this Pruner's.
+        """
+        names = [t.name for t in self.targets]
+        saved = list(state["masks"])
+        if saved != names:
+            raise ValueError(
+                "the checkpoint's pruning targets differ from this run's: "
+                f"only in checkpoint {sorted(set(saved) - set(names))}, only in this run "
+                f"{sorted(set(names) - set(saved))}; resume with the same model and include/exclude"
+            )
+        if state["pattern"] != str(self.options.pattern):
+            raise ValueError(
+                f"the checkpoint was pruned with pattern {state['pattern']!r}, this run uses "
+                f"{str(self.options.pattern)!r}; resume with the same pattern"
+            )
+        for name, mask, buffer in zip(names, self.masks, self.buffers, strict=True):
+            mask.copy_(state["masks"][name])
+            if buffer is not None and state["buffers"][name] is not None:
+                buffer.copy_(state["buffers"][name])
+        self.step = int(state["step"])
+        self.events = [PruningEvent(**e) for e in state["events"]]
+        self.apply_masks()
