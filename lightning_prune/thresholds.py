@@ -85,7 +85,9 @@ def _global_counts(
     layers: list[LayerGroups], orders: list[Tensor], bounds: list[tuple[int, int]], sparsity: float
 ) -> list[int]:
     total = sum(layer.numel for layer in layers)
-    budget = round(sparsity * total) - sum(lo * layer.group_size for layer, (lo, _) in zip(layers, bounds))
+    budget = round(sparsity * total) - sum(
+        lo * layer.group_size for layer, (lo, _) in zip(layers, bounds, strict=True)
+    )
     counts = [lo for lo, _ in bounds]
     if budget <= 0:
         return counts
