@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_prune.criteria import Criterion
@@ -124,6 +124,13 @@ class PruningCallback(Callback):
             self.sparsity_curve,
             trainer.estimated_stepping_batches,
         )
+        # Manual optimization may step several optimizers per batch, which the estimate ignores.
+        if pl_module.automatic_optimization and schedule.end_step > trainer.estimated_stepping_batches:
+            rank_zero_warn(
+                f"end_step resolves to step {schedule.end_step}, after this run's last step "
+                f"({int(trainer.estimated_stepping_batches)}): unless training resumes for longer, it ends "
+                f"below target_sparsity={self.options.target_sparsity}"
+            )
         self.pruner = Pruner(pl_module, schedule, self.options)
         if self._pending_state is not None:
             self.pruner.load_state_dict(self._pending_state)

@@ -165,11 +165,12 @@ def resolve_schedule(
     """Turn the callback's step options into a :class:`Schedule` for a run of ``total_steps`` steps.
 
     Floats are fractions of ``total_steps``; ``None`` means ``0`` for the start, 3/4 of training for
-    the end and about 20 events for the frequency.
+    the end and about 20 events for the frequency. An end after ``total_steps`` is allowed (training
+    may go on in a later, resumed run); the callback warns about it.
 
     Raises:
-        ValueError: a fraction or default with an unknown length of training, a window that ends
-            after training does, or an end before the start.
+        ValueError: a fraction or default with an unknown length of training, or an end before the
+            start.
     """
 
     def to_step(key: str, value: int | float | None, default: float) -> int:
@@ -191,11 +192,6 @@ def resolve_schedule(
     if end < start:
         raise ValueError(
             f"end_step={end_step!r} (step {end}) is before start_step={start_step!r} (step {start})"
-        )
-    if math.isfinite(total_steps) and end > total_steps:
-        raise ValueError(
-            f"end_step={end_step!r} (step {end}) is after the last training step ({int(total_steps)}); "
-            "the target sparsity would never be reached"
         )
     if frequency is None:
         frequency = max(1, round((end - start) / DEFAULT_EVENTS))
