@@ -8,7 +8,9 @@ callback's defaults and fine-tune in the last quarter.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
+import warnings
 
 import lightning.pytorch as pl
 from rich.console import Console
@@ -61,6 +63,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     args = parser.parse_args()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # keep the table readable
+    warnings.filterwarnings("ignore", message=".*treespec.*")  # a Lightning-internal deprecation
 
     rows = [
         run_arm(arch, pattern, args.sparsity, args.epochs, args.seed)

@@ -40,6 +40,12 @@ class Criterion(ABC):
     def after_event(self, buffer: Tensor | None) -> None:  # noqa: B027 - optional hook
         """Called after each pruning event, e.g. to reset ``buffer``."""
 
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"

@@ -274,6 +274,12 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
     """
     if isinstance(spec, Pattern):
         return spec
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec >= 60:
+        # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124.
+        raise ValueError(
+            f"pattern={spec!r} is a number; YAML reads an unquoted '{spec // 60}:{spec % 60}' as base-60 "
+            f'{spec}, so quote it: pattern: "{spec // 60}:{spec % 60}". Accepted: {PATTERN_HELP}'
+        )
     if not isinstance(spec, str):
         raise ValueError(f"pattern={spec!r} is not a string or Pattern; accepted: {PATTERN_HELP}")
     text = spec.strip().lower()

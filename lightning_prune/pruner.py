@@ -13,7 +13,6 @@ Use it from a plain PyTorch loop::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -135,14 +134,14 @@ class Pruner:
             for target, buffer in zip(self.targets, self.buffers, strict=True):
                 criterion.accumulate(buffer, target.param)
 
-    def on_optimizer_step(self, params: Sequence[Tensor], masks: Sequence[Tensor]) -> PruningEvent | None:
+    def on_optimizer_step(self, params: list[Tensor], masks: list[Tensor]) -> PruningEvent | None:
         """Count one real step; prune if it is an event, else re-apply the masks of ``params``."""
         self.step += 1
         if self.schedule.is_event(self.step):
             return self.prune(self.schedule.sparsity_at(self.step, self.options.target_sparsity))
         if params:
             with torch.no_grad():
-                torch._foreach_mul_(list(params), list(masks))
+                torch._foreach_mul_(params, masks)
         return None
 
     def prune_if_due(self) -> PruningEvent | None:
