@@ -14,7 +14,7 @@ from lightning_prune.criteria import Criterion
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import Pattern
 from lightning_prune.pruner import Pruner, PruningEvent
-from lightning_prune.schedules import check_curve, check_step_spec, resolve_schedule
+from lightning_prune.schedules import check_curve, check_step_spec, is_known_length, resolve_schedule
 from lightning_prune.targets import DEFAULT_OP_TYPES
 
 
@@ -100,6 +100,8 @@ class PruningCallback(Callback):
             raise ValueError(f"frequency={frequency!r} must be an int >= 1 or null (about 20 events)")
         self.frequency = frequency
         self.sparsity_curve = check_curve(sparsity_curve)
+        if not isinstance(verbose, bool):
+            raise ValueError(f"verbose={verbose!r} must be true or false")
         self.verbose = verbose
         #: The engine, built at the start of fit; ``None`` before.
         self.pruner: Pruner | None = None
@@ -125,10 +127,11 @@ class PruningCallback(Callback):
             trainer.estimated_stepping_batches,
         )
         # Manual optimization may step several optimizers per batch, which the estimate ignores.
-        if pl_module.automatic_optimization and schedule.end_step > trainer.estimated_stepping_batches:
+        total = trainer.estimated_stepping_batches
+        if pl_module.automatic_optimization and is_known_length(total) and schedule.end_step > total:
             rank_zero_warn(
                 f"end_step resolves to step {schedule.end_step}, after this run's last step "
-                f"({int(trainer.estimated_stepping_batches)}): unless training resumes for longer, it ends "
+                f"({int(total)}): unless training resumes for longer, it ends "
                 f"below target_sparsity={self.options.target_sparsity}"
             )
         self.pruner = Pruner(pl_module, schedule, self.options)

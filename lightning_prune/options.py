@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lightning_prune.checks import check_fraction
 from lightning_prune.criteria import Criterion, parse_criterion
 from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.targets import DEFAULT_OP_TYPES, compile_patterns
 
 SCOPES = ("global", "local")
-
-
-def check_fraction(key: str, value: object, *, upper_inclusive: bool) -> float:
-    """Return ``value`` as a float in ``[0, 1)`` (or ``[0, 1]``), else raise naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{key}={value!r} must be a number in [0, {'1]' if upper_inclusive else '1)'}")
-    value = float(value)
-    if not (0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0):
-        raise ValueError(f"{key}={value} is outside [0, {'1]' if upper_inclusive else '1)'}")
-    return value
 
 
 @dataclass(frozen=True)

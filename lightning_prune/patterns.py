@@ -47,6 +47,12 @@ def canonical_dims(shape: torch.Size) -> tuple[int, int, int]:
     return shape[0], kernel, shape[1]
 
 
+def _check_sizes(*sizes: object) -> None:
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ValueError(f"pattern sizes must be ints, got {size!r}")
+
+
 class Pattern(ABC):
     """How element scores are grouped and how pruned groups become a mask.
 
@@ -171,6 +177,7 @@ class BlockPattern(_BlockPattern):
 
     def __init__(self, rows: int, cols: int, reduce: str = "mean") -> None:
         super().__init__(reduce)
+        _check_sizes(rows, cols)
         if rows < 1 or cols < 1:
             raise ValueError(f"block pattern '{rows}x{cols}' needs both sizes >= 1")
         self.rows, self.cols = rows, cols
@@ -217,6 +224,7 @@ class NMPattern(Pattern):
     """
 
     def __init__(self, n: int, m: int, reduce: str = "mean") -> None:
+        _check_sizes(n, m)
         if not 0 < n < m:
             raise ValueError(f"N:M pattern '{n}:{m}' needs 0 < N < M")
         if reduce not in REDUCTIONS:

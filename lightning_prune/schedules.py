@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lightning_prune.checks import check_fraction
+
 SparsityCurve = Callable[[float, float, float], float]
 """``(progress in [0, 1], initial sparsity s_0, final sparsity a) -> sparsity``."""
 
@@ -44,7 +46,7 @@ CURVES: dict[str, SparsityCurve] = {"exp": _exp, "cos": _cos, "linear": _linear,
 
 def check_curve(curve: str) -> str:
     """Return ``curve`` if it names a known sparsity curve, else raise naming what is accepted."""
-    if curve not in CURVES:
+    if not isinstance(curve, str) or curve not in CURVES:
         raise ValueError(f"sparsity_curve={curve!r} is not one of {sorted(CURVES)}")
     return curve
 
@@ -88,8 +90,7 @@ class Schedule:
         if self.frequency < 1:
             raise ValueError(f"frequency={self.frequency} must be >= 1")
         check_curve(self.curve)
-        if not 0.0 <= self.initial_sparsity < 1.0:
-            raise ValueError(f"initial_sparsity={self.initial_sparsity} must be in [0, 1)")
+        check_fraction("initial_sparsity", self.initial_sparsity, upper_inclusive=False)
 
     @property
     def one_shot(self) -> bool:
@@ -149,6 +150,11 @@ def check_step_spec(key: str, value: object) -> int | float | None:
     return value
 
 
+def is_known_length(total_steps: float) -> bool:
+    """Whether a step estimate is usable: Lightning gives ``inf`` or ``-1`` when it cannot tell."""
+    return math.isfinite(total_steps) and total_steps >= 0
+
+
 #: With no window given: prune from the start through this fraction of training, then fine-tune.
 DEFAULT_END_FRACTION = 0.75
 #: With no frequency given: about this many events in the window.
@@ -180,7 +186,7 @@ def resolve_schedule(
         fraction = default if value is None else value
         if fraction == 0.0:
             return 0
-        if not math.isfinite(total_steps):
+        if not is_known_length(total_steps):
             raise ValueError(
                 f"{key}={value!r} needs the length of training, but the trainer cannot estimate it "
                 "(no max_steps/max_epochs, or an iterable dataset of unknown length); give an int step"

@@ -34,10 +34,15 @@ def compile_patterns(key: str, regexes: str | Sequence[str] | None) -> tuple[re.
     """Compile the regexes given for ``key`` (``include``/``exclude``), raising on a bad one."""
     if regexes is None:
         return ()
-    if isinstance(regexes, str):
-        regexes = [regexes]
+    if isinstance(regexes, str | re.Pattern):
+        regexes = [regexes]  # type: ignore[list-item]
+    if not isinstance(regexes, Sequence):
+        raise ValueError(f"{key}={regexes!r} must be a list of regex strings")
     compiled = []
     for regex in regexes:
+        if isinstance(regex, re.Pattern):
+            compiled.append(regex)
+            continue
         if not isinstance(regex, str):
             raise ValueError(f"{key} entry {regex!r} must be a regex string")
         try:
