@@ -1,24 +1,43 @@
 """lightning_prune: prune a network while it trains, with a PyTorch Lightning callback."""
 
 from lightning_prune.callback import PruningCallback
-from lightning_prune.criteria import Criterion, MagnitudeCriterion, register_criterion
+from lightning_prune.criteria import (
+    AccumulatingCriterion,
+    Criterion,
+    GradientCriterion,
+    MagnitudeCriterion,
+    MovementCriterion,
+    SnipCriterion,
+    SnipMomentumCriterion,
+    register_criterion,
+)
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import BlockPattern, ChannelPattern, NMPattern, Pattern, UnstructuredPattern
+from lightning_prune.progressive import Progressive
 from lightning_prune.pruner import Pruner, PruningEvent
+from lightning_prune.regularizers import GroupLasso, Regularizer
 from lightning_prune.schedules import Schedule
 
 __all__ = [
+    "AccumulatingCriterion",
     "BlockPattern",
     "ChannelPattern",
     "Criterion",
+    "GradientCriterion",
+    "GroupLasso",
     "MagnitudeCriterion",
+    "MovementCriterion",
     "NMPattern",
     "Pattern",
+    "Progressive",
     "Pruner",
     "PruningCallback",
     "PruningEvent",
     "PruningOptions",
+    "Regularizer",
     "Schedule",
+    "SnipCriterion",
+    "SnipMomentumCriterion",
     "UnstructuredPattern",
     "register_criterion",
 ]

@@ -11,9 +11,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_prune.criteria import Criterion
+from lightning_prune.init_scoring import score_at_init
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import Pattern
+from lightning_prune.progressive import Progressive
 from lightning_prune.pruner import Pruner, PruningEvent
+from lightning_prune.regularizers import Regularizer
 from lightning_prune.schedules import check_curve, check_step_spec, is_known_length, resolve_schedule
 from lightning_prune.targets import DEFAULT_OP_TYPES
 
@@ -32,7 +35,11 @@ class PruningCallback(Callback):
             input columns (e.g. ``"4x1"``), ``"channelx1"`` (whole input channels), ``"1xchannel"``
             (whole output channels/filters), ``"N:M"`` (at most N non-zeros per M consecutive input
             weights, e.g. ``"2:4"``), or a ``Pattern`` object.
-        criterion: how weights are scored: ``"magnitude"`` or a ``Criterion`` object.
+        criterion: how weights are scored: ``"magnitude"`` (|W|), ``"gradient"`` (|G|), ``"snip"``
+            (|W*G|), ``"snip_momentum"`` (``S = 1.0*S + 0.9*|W*G|`` each step), ``"movement"``
+            (``S -= W*G`` each step), or a ``Criterion`` object such as
+            ``SnipMomentumCriterion(alpha=0.9, beta=1.0)``. Gradient criteria accumulate on every
+            real optimizer step; an event at step 0 scores on ``init_batches`` batches first.
         start_step: optimizer step where sparsity starts to rise. An int is a step; a float in
             ``(0, 1]`` is that fraction of ``trainer.estimated_stepping_batches``; ``None`` is 0.
         end_step: optimizer step of the last event, where ``target_sparsity`` is reached. Same forms as
@@ -49,6 +56,12 @@ class PruningCallback(Callback):
         skip_last_layer: leave the last matching module in registration order (the head) dense.
         min_sparsity_per_layer: least sparsity of any targeted layer (global scope).
         max_sparsity_per_layer: most sparsity of any targeted layer.
+        progressive: for structured patterns, zero newly pruned groups gradually over the next
+            steps instead of at once: ``True`` (4 steps, lowest scores first) or a
+            ``Progressive(steps=..., kind="scores" | "linear")``.
+        regularizer: ``"group_lasso"`` shrinks the pattern's groups toward zero after each optimizer
+            step up to ``end_step``, or a ``Regularizer`` object; ``None`` for none.
+        regularizer_coeff: strength of a regularizer given by name (default ``1e-4``).
         verbose: print what is pruned at the start of fit.
 
     Example::
@@ -74,6 +87,9 @@ class PruningCallback(Callback):
         skip_last_layer: bool = True,
         min_sparsity_per_layer: float = 0.0,
         max_sparsity_per_layer: float = 0.98,
+        progressive: bool | Progressive = False,
+        regularizer: str | Regularizer | None = None,
+        regularizer_coeff: float | None = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -88,6 +104,9 @@ class PruningCallback(Callback):
             skip_last_layer=skip_last_layer,
             min_sparsity_per_layer=min_sparsity_per_layer,
             max_sparsity_per_layer=max_sparsity_per_layer,
+            progressive=progressive,  # type: ignore[arg-type]
+            regularizer=regularizer,  # type: ignore[arg-type]
+            regularizer_coeff=regularizer_coeff,
         )
         self.start_step = check_step_spec("start_step", start_step)
         self.end_step = check_step_spec("end_step", end_step)
@@ -141,6 +160,8 @@ class PruningCallback(Callback):
         self._logged_events = len(self.pruner.events)
         if self.verbose:
             self._describe(self.pruner)
+        if self.pruner.step == 0 and schedule.is_event(0) and self.options.criterion.needs_gradients:
+            score_at_init(trainer, pl_module, self.pruner)
         for optimizer in trainer.optimizers:
             # Lightning's on_before_optimizer_step feeds gradient criteria: with a closure the
             # gradients only exist inside optimizer.step, after any pre-hook.

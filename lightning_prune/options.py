@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from lightning_prune.checks import check_fraction
 from lightning_prune.criteria import Criterion, parse_criterion
 from lightning_prune.patterns import Pattern, parse_pattern
+from lightning_prune.progressive import Progressive, check_progressive_pattern, parse_progressive
+from lightning_prune.regularizers import Regularizer, parse_regularizer
 from lightning_prune.targets import DEFAULT_OP_TYPES, compile_patterns
 
 SCOPES = ("global", "local")
@@ -32,6 +34,10 @@ class PruningOptions:
         skip_last_layer: leave the last targeted module in registration order (the head) dense.
         min_sparsity_per_layer: least sparsity of any targeted layer.
         max_sparsity_per_layer: most sparsity of any targeted layer.
+        progressive: ease newly pruned structured groups in over several steps: ``True`` for the
+            default :class:`~lightning_prune.progressive.Progressive`, or such an object.
+        regularizer: ``"group_lasso"``, a Regularizer object, or ``None``.
+        regularizer_coeff: strength of a regularizer given by name (its default when ``None``).
     """
 
     target_sparsity: float = 0.9
@@ -44,6 +50,9 @@ class PruningOptions:
     skip_last_layer: bool = True
     min_sparsity_per_layer: float = 0.0
     max_sparsity_per_layer: float = 0.98
+    progressive: Progressive | None = None
+    regularizer: Regularizer | None = None
+    regularizer_coeff: float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -69,6 +78,12 @@ class PruningOptions:
             raise ValueError(
                 f"min_sparsity_per_layer={low} is above max_sparsity_per_layer={high}; need min <= max"
             )
+        set_(self, "progressive", parse_progressive(self.progressive))
+        check_progressive_pattern(self.progressive, self.pattern)
+        set_(self, "regularizer", parse_regularizer(self.regularizer, self.regularizer_coeff))
+        set_(self, "regularizer_coeff", None)  # folded into the regularizer object
+        if self.regularizer is not None:
+            self.regularizer.check_pattern(self.pattern)
         target = self.target_sparsity
         if not low <= target <= high:
             raise ValueError(

@@ -68,8 +68,16 @@ class Pattern(ABC):
         return None
 
     @abstractmethod
+    def group_view(self, t: Tensor) -> Tensor:
+        """``t`` (weight-shaped) as ``(*group_dims, S)``: one row of ``S`` elements per group."""
+
+    @abstractmethod
+    def from_group_view(self, groups: Tensor, shape: torch.Size) -> Tensor:
+        """Inverse of :meth:`group_view`: ``(*group_dims, S)`` back to a tensor of ``shape``."""
+
+    @abstractmethod
     def group_costs(self, scores: Tensor) -> Tensor:
-        """One cost per group (any shape); the groups with the lowest cost are pruned first."""
+        """One cost per group, shaped ``group_dims``; the groups with the lowest cost are pruned first."""
 
     @abstractmethod
     def pruned_elements(self, pruned_groups: Tensor, scores: Tensor) -> Tensor:
@@ -100,6 +108,12 @@ class Pattern(ABC):
 
 class UnstructuredPattern(Pattern):
     """``"1x1"``: every weight is its own group."""
+
+    def group_view(self, t: Tensor) -> Tensor:
+        return t.unsqueeze(-1)
+
+    def from_group_view(self, groups: Tensor, shape: torch.Size) -> Tensor:
+        return groups.squeeze(-1)
 
     def group_costs(self, scores: Tensor) -> Tensor:
         return scores
@@ -145,18 +159,26 @@ class _BlockPattern(Pattern):
             )
         return None
 
+    def group_view(self, t: Tensor) -> Tensor:
+        out, kernel, inp = canonical_dims(t.shape)
+        rows, span, cols = self._extent(t.shape)
+        blocks = to_canonical(t).reshape(out // rows, rows, kernel // span, span, inp // cols, cols)
+        return blocks.permute(0, 2, 4, 1, 3, 5).reshape(out // rows, kernel // span, inp // cols, -1)
+
+    def from_group_view(self, groups: Tensor, shape: torch.Size) -> Tensor:
+        out, kernel, inp = canonical_dims(shape)
+        rows, span, cols = self._extent(shape)
+        blocks = groups.reshape(out // rows, kernel // span, inp // cols, rows, span, cols)
+        return from_canonical(blocks.permute(0, 3, 1, 4, 2, 5).reshape(out, kernel, inp), shape)
+
     def group_costs(self, scores: Tensor) -> Tensor:
-        out, kernel, inp = canonical_dims(scores.shape)
-        rows, span, cols = self._extent(scores.shape)
-        blocks = to_canonical(scores).reshape(out // rows, rows, kernel // span, span, inp // cols, cols)
-        return REDUCTIONS[self.reduce](blocks, (1, 3, 5))
+        return REDUCTIONS[self.reduce](self.group_view(scores), (-1,))
 
     def pruned_elements(self, pruned_groups: Tensor, scores: Tensor) -> Tensor:
-        out, kernel, inp = canonical_dims(scores.shape)
-        rows, span, cols = self._extent(scores.shape)
-        grid = pruned_groups[:, None, :, None, :, None]
-        expanded = grid.expand(out // rows, rows, kernel // span, span, inp // cols, cols)
-        return from_canonical(expanded.reshape(out, kernel, inp), scores.shape)
+        size = self.group_size(scores.shape)
+        return self.from_group_view(
+            pruned_groups.unsqueeze(-1).expand(*pruned_groups.shape, size), scores.shape
+        )
 
     def group_size(self, shape: torch.Size) -> int:
         rows, span, cols = self._extent(shape)
@@ -243,26 +265,29 @@ class NMPattern(Pattern):
             return f"pattern {str(self)!r} needs input size divisible by {self.m}, got weight shape {tuple(shape)}"
         return None
 
-    def _groups(self, scores: Tensor) -> Tensor:
-        out, kernel, inp = canonical_dims(scores.shape)
-        return to_canonical(scores).reshape(out, kernel, inp // self.m, self.m)
+    def group_view(self, t: Tensor) -> Tensor:
+        out, kernel, inp = canonical_dims(t.shape)
+        return to_canonical(t).reshape(out, kernel, inp // self.m, self.m)
+
+    def from_group_view(self, groups: Tensor, shape: torch.Size) -> Tensor:
+        out, kernel, inp = canonical_dims(shape)
+        return from_canonical(groups.reshape(out, kernel, inp), shape)
 
     def _lowest(self, groups: Tensor) -> Tensor:
         # Stable sort over a handful of elements: cheap, and ties break the same way everywhere.
         return groups.argsort(dim=-1, stable=True)[..., : self.m - self.n]
 
     def group_costs(self, scores: Tensor) -> Tensor:
-        groups = self._groups(scores)
+        groups = self.group_view(scores)
         lost = groups.gather(-1, self._lowest(groups))
         return REDUCTIONS[self.reduce](lost, (-1,))
 
     def pruned_elements(self, pruned_groups: Tensor, scores: Tensor) -> Tensor:
-        groups = self._groups(scores)
+        groups = self.group_view(scores)
         pruned = torch.zeros_like(groups, dtype=torch.bool)
         pruned.scatter_(-1, self._lowest(groups), True)
         pruned &= pruned_groups.unsqueeze(-1)
-        out, kernel, inp = canonical_dims(scores.shape)
-        return from_canonical(pruned.reshape(out, kernel, inp), scores.shape)
+        return self.from_group_view(pruned, scores.shape)
 
     def group_size(self, shape: torch.Size) -> int:
         return self.m - self.n

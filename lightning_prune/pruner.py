@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.options import PruningOptions
+from lightning_prune.progressive import MAX_STEPS, interval_mask, plan_fade
 from lightning_prune.schedules import Schedule
 from lightning_prune.targets import Target, select_targets
 from lightning_prune.thresholds import LayerGroups, select_groups
@@ -37,8 +38,9 @@ class PruningEvent:
     Args:
         step: optimizer steps taken when it happened.
         target_sparsity: sparsity the schedule asked for.
-        sparsity: sparsity reached over all targets.
-        layer_sparsity: sparsity reached per target, by module name.
+        sparsity: sparsity of the masks it set, over all targets (under progressive pruning the
+            weights reach it when the fade ends).
+        layer_sparsity: the same per target, by module name.
     """
 
     step: int
@@ -93,6 +95,17 @@ class Pruner:
         self.step = 0
         #: Every event so far, oldest first.
         self.events: list[PruningEvent] = []
+        #: Steps whose gradients reached the criterion (gradient criteria need at least one).
+        self.gradient_steps = 0
+        progressive = self.options.progressive
+        if progressive is not None and not schedule.one_shot and progressive.steps > schedule.frequency:
+            raise ValueError(
+                f"progressive steps={progressive.steps} is more than frequency={schedule.frequency}: a fade "
+                "must end before the next event; lower the steps or raise the frequency"
+            )
+        # A fade under way: stage tensors (see progressive.py) and how many fade steps have passed.
+        self._fade_stages: list[Tensor] | None = None
+        self._fade_position = 0
         self._handles: list[RemovableHandle] = []
 
     # ------------------------------------------------------------------ the training loop
@@ -107,12 +120,19 @@ class Pruner:
                 off when the caller feeds :meth:`accumulate_scores` itself (the Lightning callback
                 does, because with a closure the gradients only exist inside ``step``).
         """
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        pairs = [(t.param, m) for t, m in zip(self.targets, self.masks, strict=True) if id(t.param) in owned]
-        params, masks = [p for p, _ in pairs], [m for _, m in pairs]
+        index = {id(t.param): i for i, t in enumerate(self.targets)}
+        owned = [
+            (index[id(p)], group)
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if id(p) in index
+        ]
+        params = [self.targets[i].param for i, _ in owned]
+        masks = [self.masks[i] for i, _ in owned]
+        groups = [group for _, group in owned]
 
         def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
-            self.on_optimizer_step(params, masks)
+            self.on_optimizer_step(params, masks, groups)
 
         self._handles.append(optimizer.register_step_post_hook(after_step))
         if accumulate_before_step and self.options.criterion.needs_gradients:
@@ -126,17 +146,40 @@ class Pruner:
         self._handles.clear()
 
     def accumulate_scores(self) -> None:
-        """Fold the current gradients into the criterion's buffers (no-op for magnitude)."""
+        """Fold the current gradients into the criterion's buffers (no-op for magnitude).
+
+        A step with any non-finite targeted gradient (one an AMP scaler skips) adds nothing; the
+        check stays on the device, so it costs no host sync.
+        """
         criterion = self.options.criterion
         if not criterion.needs_gradients:
             return
+        grads = [t.param.grad for t in self.targets if t.param.grad is not None]
+        if not grads:
+            return
         with torch.no_grad():
+            finite = torch.stack([g.isfinite().all() for g in grads]).all()
             for target, buffer in zip(self.targets, self.buffers, strict=True):
-                criterion.accumulate(buffer, target.param)
+                criterion.accumulate(buffer, target.param, finite.to(target.param.device))
+        self.gradient_steps += 1
 
-    def on_optimizer_step(self, params: list[Tensor], masks: list[Tensor]) -> PruningEvent | None:
-        """Count one real step; prune if it is an event, else re-apply the masks of ``params``."""
+    def on_optimizer_step(
+        self, params: list[Tensor], masks: list[Tensor], param_groups: list[dict[str, Any]] | None = None
+    ) -> PruningEvent | None:
+        """Count one real step; regularize, advance a fade, prune if due, and re-apply the masks.
+
+        Args:
+            params: the targeted weights this optimizer updated.
+            masks: their masks, in the same order.
+            param_groups: their optimizer param groups (for the learning rate of a regularizer).
+        """
         self.step += 1
+        regularizer = self.options.regularizer
+        if regularizer is not None and param_groups is not None and self.step <= self.schedule.end_step:
+            for param, group in zip(params, param_groups, strict=True):
+                regularizer.apply(param, float(group["lr"]), self.options.pattern)
+        if self._fade_stages is not None:
+            self._advance_fade()
         if self.schedule.is_event(self.step):
             return self.prune(self.schedule.sparsity_at(self.step, self.options.target_sparsity))
         if params:
@@ -151,6 +194,21 @@ class Pruner:
             return self.prune(self.schedule.sparsity_at(self.step, self.options.target_sparsity))
         return None
 
+    @property
+    def fading(self) -> bool:
+        """Whether a progressive fade is under way."""
+        return self._fade_stages is not None
+
+    @torch.no_grad()
+    def _advance_fade(self) -> None:
+        assert self._fade_stages is not None and self.options.progressive is not None
+        self._fade_position += 1
+        for stage, mask in zip(self._fade_stages, self.masks, strict=True):
+            interval_mask(stage, self._fade_position, out=mask)
+        if self._fade_position >= self.options.progressive.steps:
+            self._fade_stages = None
+        self.apply_masks()
+
     # ------------------------------------------------------------------ pruning
     @torch.no_grad()
     def prune(self, sparsity: float) -> PruningEvent:
@@ -159,6 +217,15 @@ class Pruner:
         Masks only grow: weights pruned earlier are ranked below every live weight.
         """
         pattern, criterion = self.options.pattern, self.options.criterion
+        if criterion.needs_gradients and self.gradient_steps == 0:
+            raise RuntimeError(
+                f"criterion {criterion.name!r} needs gradients, but the pruning event at step {self.step} "
+                "came before any: score at least one backward pass first (the callback does this for "
+                "events at step 0 with the criterion's init_batches), or start pruning at step >= 1"
+            )
+        if self._fade_stages is not None:  # a short last interval: finish the previous fade first
+            self._fade_position = MAX_STEPS
+            self._advance_fade()
         layers, scores = [], []
         for target, mask, buffer in zip(self.targets, self.masks, self.buffers, strict=True):
             score = criterion.score(buffer, target.param).masked_fill_(~mask, float("-inf"))
@@ -172,12 +239,26 @@ class Pruner:
             self.options.min_sparsity_per_layer,
             self.options.max_sparsity_per_layer,
         )
+        progressive = self.options.progressive
+        stages, pruned_counts = [], []
         for mask, (score, group_shape), pruned in zip(self.masks, scores, selected, strict=True):
-            mask.copy_(~pattern.pruned_elements(pruned.view(group_shape), score))
+            keep = ~pattern.pruned_elements(pruned.view(group_shape), score)
+            pruned_counts.append((~keep).sum())
+            if progressive is None or progressive.steps == 1:
+                mask.copy_(keep)
+            else:
+                stages.append(plan_fade(pattern, mask, keep, score, progressive))
+        if stages:
+            self._fade_stages, self._fade_position = stages, 0
+            self._advance_fade()  # the event's own step is the fade's first
         for buffer in self.buffers:
             criterion.after_event(buffer)
         self.apply_masks()
-        event = PruningEvent(self.step, sparsity, self.sparsity, self.layer_sparsity())
+        # What the event decided; under a progressive fade the weights get there over the fade.
+        counts = torch.stack([c.cpu() for c in pruned_counts]).tolist()
+        sizes = [m.numel() for m in self.masks]
+        layer_sparsity = {t.name: c / n for t, c, n in zip(self.targets, counts, sizes, strict=True)}
+        event = PruningEvent(self.step, sparsity, sum(counts) / sum(sizes), layer_sparsity)
         self.events.append(event)
         return event
 
@@ -208,6 +289,13 @@ class Pruner:
             "masks": dict(zip(names, self.masks, strict=True)),
             "buffers": dict(zip(names, self.buffers, strict=True)),
             "events": [asdict(e) for e in self.events],
+            "gradient_steps": self.gradient_steps,
+            "fade": None
+            if self._fade_stages is None
+            else {
+                "position": self._fade_position,
+                "stages": dict(zip(names, self._fade_stages, strict=True)),
+            },
         }
 
     @torch.no_grad()
@@ -236,4 +324,13 @@ class Pruner:
                 buffer.copy_(state["buffers"][name])
         self.step = int(state["step"])
         self.events = [PruningEvent(**e) for e in state["events"]]
+        self.gradient_steps = int(state.get("gradient_steps", 0))
+        fade = state.get("fade")
+        if fade is None:
+            self._fade_stages = None
+        else:
+            self._fade_position = int(fade["position"])
+            self._fade_stages = [
+                fade["stages"][n].to(m.device) for n, m in zip(names, self.masks, strict=True)
+            ]
         self.apply_masks()

@@ -1,0 +1,65 @@
+"""Scoring before the first step, for a gradient criterion whose event falls at step 0 (SNIP at init)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+from lightning_prune.pruner import Pruner
+
+
+@contextmanager
+def _logging_muted(pl_module: pl.LightningModule) -> Iterator[None]:
+    # training_step usually calls self.log, which Lightning refuses outside its loops.
+    def muted(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log, pl_module.log_dict = muted, muted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+
+
+def score_at_init(trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Pruner) -> None:
+    """Feed the criterion the gradients of its ``init_batches`` first training batches; no step is taken.
+
+    The batches go through ``trainer.strategy.training_step``, so precision and DDP apply as in
+    training, and gradients are zeroed afterwards.
+
+    Raises:
+        ValueError: under manual optimization, whose ``training_step`` steps optimizers itself.
+    """
+    criterion = pruner.options.criterion
+    batches = int(getattr(criterion, "init_batches", 1))
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            f"criterion {criterion.name!r} with an event at step 0 scores on training batches before the "
+            "first step, which needs automatic optimization; with manual optimization use start_step >= 1"
+        )
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()  # as Lightning's own estimated_stepping_batches does
+    loader = CombinedLoader(trainer.train_dataloader, mode="max_size_cycle")
+    iterator = iter(loader)
+    pl_module.zero_grad(set_to_none=True)
+    with _logging_muted(pl_module), torch.enable_grad():
+        for index in range(batches):
+            try:
+                batch, _, _ = next(iterator)
+            except StopIteration:
+                raise ValueError(
+                    f"init_batches={batches} is more than the {index} training batches there are"
+                ) from None
+            batch = trainer.strategy.batch_to_device(batch)
+            output = trainer.strategy.training_step(batch, index)
+            loss = output["loss"] if isinstance(output, dict) else output
+            if loss is None:
+                continue
+            loss.backward()
+            pruner.accumulate_scores()
+            pl_module.zero_grad(set_to_none=True)

@@ -1,0 +1,99 @@
+"""Progressive pruning: ease a structured mask in through a sequence of interval masks.
+
+When an event decides that some groups (blocks, channels, N:M runs) are to be pruned, their weights
+are not zeroed at once. Each newly pruned weight gets a *stage* ``1..steps``; on the ``j``-th step of
+the fade (the event itself is ``j = 1``) every weight whose stage is ``<= j`` is zero. The interval
+masks therefore only shrink and the last one (``j = steps``) is exactly the structured mask. Within
+each group weights go in order of their element score (``kind="scores"``, lowest first) or of their
+position in the block (``kind="linear"``), spread evenly over the stages.
+
+Stages are stored in one byte per weight, only while a fade is under way:
+``KEEP`` for weights that stay, ``0`` for weights pruned earlier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_prune.patterns import Pattern, UnstructuredPattern
+
+KINDS = ("scores", "linear")
+KEEP = 255
+MAX_STEPS = KEEP - 1
+
+
+@dataclass(frozen=True)
+class Progressive:
+    """How newly pruned groups fade out.
+
+    Args:
+        steps: optimizer steps over which a newly pruned group goes from dense to zero, counting the
+            event's own step; ``1 <= steps <= 254`` and at most the schedule's ``frequency``.
+        kind: ``"scores"`` zeroes each group's weights lowest-score first; ``"linear"`` in their order
+            within the block.
+    """
+
+    steps: int = 4
+    kind: str = "scores"
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.steps, bool)
+            or not isinstance(self.steps, int)
+            or not 1 <= self.steps <= MAX_STEPS
+        ):
+            raise ValueError(f"progressive steps={self.steps!r} must be an int in [1, {MAX_STEPS}]")
+        if self.kind not in KINDS:
+            raise ValueError(f"progressive kind={self.kind!r} is not one of {list(KINDS)}")
+
+
+def parse_progressive(spec: bool | Progressive | None) -> Progressive | None:
+    """``True`` -> the default :class:`Progressive`; ``False``/``None`` -> off; objects pass through."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return Progressive()
+    if isinstance(spec, Progressive):
+        return spec
+    raise ValueError(f"progressive={spec!r} must be true, false or a Progressive(steps=..., kind=...) object")
+
+
+def check_progressive_pattern(progressive: Progressive | None, pattern: Pattern) -> None:
+    """Progressive pruning eases structure in; unstructured pruning has none to ease."""
+    if progressive is not None and isinstance(pattern, UnstructuredPattern):
+        raise ValueError(
+            "progressive=True needs a structured pattern ('NxM', 'channelx1', '1xchannel', 'N:M'); "
+            f"pattern {str(pattern)!r} is unstructured"
+        )
+
+
+def plan_fade(
+    pattern: Pattern, old_keep: Tensor, new_keep: Tensor, scores: Tensor, progressive: Progressive
+) -> Tensor:
+    """Stage of every weight for the fade from ``old_keep`` to ``new_keep`` (both bool keep masks).
+
+    Returns:
+        uint8 tensor shaped like the weight: ``KEEP`` where ``new_keep``, ``0`` where already pruned
+        in ``old_keep``, else the stage ``1..steps`` at which the weight becomes zero.
+    """
+    newly = pattern.group_view(old_keep & ~new_keep)
+    size = newly.shape[-1]
+    if progressive.kind == "scores":
+        key = pattern.group_view(scores).float()
+    else:
+        key = torch.arange(size, device=scores.device, dtype=torch.float32).expand(newly.shape)
+    # Rank the newly pruned weights of each group (others sort last), then spread ranks over stages.
+    key = key.masked_fill(~newly, float("inf"))
+    rank = key.argsort(dim=-1, stable=True).argsort(dim=-1)
+    count = newly.sum(dim=-1, keepdim=True).clamp_min(1)
+    stage = (rank * progressive.steps).div(count, rounding_mode="floor") + 1
+    stage = pattern.from_group_view(stage.masked_fill(~newly, 0), old_keep.shape).to(torch.uint8)
+    return stage.masked_fill_(new_keep, KEEP)
+
+
+def interval_mask(stage: Tensor, position: int, out: Tensor) -> Tensor:
+    """Write the keep mask of fade step ``position`` (1-based) into ``out``."""
+    return torch.gt(stage, position, out=out)
