@@ -11,6 +11,7 @@ import argparse
 import logging
 import time
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
 from rich.console import Console
@@ -22,13 +23,18 @@ from lightning_prune.demo import DigitsClassifier, DigitsDataModule
 ARMS: list[tuple[str, str | None]] = [("dense", None), ("4x1", "4x1"), ("1x1", "1x1")]
 
 
-def run_arm(arch: str, pattern: str | None, sparsity: float, epochs: int, seed: int) -> dict[str, object]:
-    """Train one arm and return its row: sparsity over the pruned layers and validation accuracy."""
+def run_arm(arch: str, pruning: dict[str, Any] | None, epochs: int, seed: int) -> dict[str, Any]:
+    """Train one arm and return its row: sparsity over the pruned layers and validation accuracy.
+
+    Args:
+        arch: ``"mlp"`` or ``"cnn"``.
+        pruning: ``PruningCallback`` arguments, or ``None`` for the dense arm.
+        epochs: training epochs.
+        seed: seed of the initialisation, the split and the data order.
+    """
     pl.seed_everything(seed, verbose=False)
     model = DigitsClassifier(arch=arch)
-    callbacks = (
-        [] if pattern is None else [PruningCallback(target_sparsity=sparsity, pattern=pattern, verbose=False)]
-    )
+    callbacks = [] if pruning is None else [PruningCallback(**pruning, verbose=False)]
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -41,7 +47,7 @@ def run_arm(arch: str, pattern: str | None, sparsity: float, epochs: int, seed: 
     started = time.perf_counter()
     trainer.fit(model, DigitsDataModule(seed=seed))
     seconds = time.perf_counter() - started
-    if pattern is None:
+    if pruning is None:
         achieved = 0.0
     else:
         pruner = callbacks[0].pruner
@@ -49,11 +55,18 @@ def run_arm(arch: str, pattern: str | None, sparsity: float, epochs: int, seed: 
         achieved = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return {
         "model": arch,
-        "pattern": pattern or "dense",
+        "pattern": "dense" if pruning is None else str(pruning.get("pattern", "4x1")),
         "sparsity": achieved,
         "val_acc": float(trainer.callback_metrics["val_acc"]),
         "seconds": seconds,
     }
+
+
+def quiet_lightning() -> None:
+    """Keep tables readable: Lightning's info lines and an internal deprecation warning off."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
 
 
 def main() -> None:
@@ -63,12 +76,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     args = parser.parse_args()
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # keep the table readable
-    warnings.filterwarnings("ignore", message=".*treespec.*")  # a Lightning-internal deprecation
 
+    quiet_lightning()
     rows = [
-        run_arm(arch, pattern, args.sparsity, args.epochs, args.seed)
+        run_arm(
+            arch,
+            None if pattern is None else {"target_sparsity": args.sparsity, "pattern": pattern},
+            args.epochs,
+            args.seed,
+        )
         for arch in args.models
         for _, pattern in ARMS
     ]

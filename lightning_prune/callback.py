@@ -170,7 +170,15 @@ class PruningCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if self.pruner is not None:
+        if self.pruner is None or not self.options.criterion.needs_gradients:
+            return
+        # A GradScaler skips the step if any of the optimizer's gradients is not finite, pruned or not.
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            grads = [
+                p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+            ]
+            self.pruner.accumulate_scores(also_check=grads)
+        else:
             self.pruner.accumulate_scores()
 
     def on_train_batch_end(

@@ -45,7 +45,7 @@ class Criterion(ABC):
 
     @abstractmethod
     def score(self, buffer: Tensor | None, param: Tensor) -> Tensor:
-        """Element scores shaped like ``param`` (float32; higher is more important)."""
+        """Element scores shaped like ``param``: a new float32 tensor (the Pruner edits it in place)."""
 
     def after_event(self, buffer: Tensor | None) -> None:  # noqa: B027 - optional hook
         """Called after each pruning event, e.g. to reset ``buffer``."""
@@ -140,7 +140,7 @@ class AccumulatingCriterion(Criterion):
 
     def score(self, buffer: Tensor | None, param: Tensor) -> Tensor:
         assert buffer is not None
-        return buffer.float()
+        return buffer.to(torch.float32, copy=True)
 
     def after_event(self, buffer: Tensor | None) -> None:
         if self.reset_after_event and buffer is not None:

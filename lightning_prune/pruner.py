@@ -13,6 +13,7 @@ Use it from a plain PyTorch loop::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -134,10 +135,10 @@ class Pruner:
         def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
             self.on_optimizer_step(params, masks, groups)
 
+        self.prune_if_due()  # first, so that a refused event leaves no hook behind
         self._handles.append(optimizer.register_step_post_hook(after_step))
         if accumulate_before_step and self.options.criterion.needs_gradients:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.accumulate_scores()))
-        self.prune_if_due()
 
     def detach(self) -> None:
         """Remove every optimizer hook :meth:`attach` added."""
@@ -145,10 +146,11 @@ class Pruner:
             handle.remove()
         self._handles.clear()
 
-    def accumulate_scores(self) -> None:
+    def accumulate_scores(self, also_check: Sequence[Tensor] = ()) -> None:
         """Fold the current gradients into the criterion's buffers (no-op for magnitude).
 
-        A step with any non-finite targeted gradient (one an AMP scaler skips) adds nothing; the
+        A step with any non-finite gradient among the targets and ``also_check`` (pass the other
+        gradients of the optimizer when an AMP scaler may skip the step for them) adds nothing; the
         check stays on the device, so it costs no host sync.
         """
         criterion = self.options.criterion
@@ -158,7 +160,7 @@ class Pruner:
         if not grads:
             return
         with torch.no_grad():
-            finite = torch.stack([g.isfinite().all() for g in grads]).all()
+            finite = torch.stack([g.isfinite().all() for g in [*grads, *also_check]]).all()
             for target, buffer in zip(self.targets, self.buffers, strict=True):
                 criterion.accumulate(buffer, target.param, finite.to(target.param.device))
         self.gradient_steps += 1
