@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.options import PruningOptions
-from lightning_prune.progressive import MAX_STEPS, interval_mask, plan_fade
+from lightning_prune.progressive import interval_mask, plan_fade
 from lightning_prune.schedules import Schedule
 from lightning_prune.targets import Target, select_targets
 from lightning_prune.thresholds import LayerGroups, select_groups
@@ -107,6 +107,7 @@ class Pruner:
         # A fade under way: stage tensors (see progressive.py) and how many fade steps have passed.
         self._fade_stages: list[Tensor] | None = None
         self._fade_position = 0
+        self._fade_steps = 0  # the plan's own length, so a resumed fade ends as planned
         self._handles: list[RemovableHandle] = []
 
     # ------------------------------------------------------------------ the training loop
@@ -203,11 +204,11 @@ class Pruner:
 
     @torch.no_grad()
     def _advance_fade(self) -> None:
-        assert self._fade_stages is not None and self.options.progressive is not None
-        self._fade_position += 1
+        assert self._fade_stages is not None
+        self._fade_position = min(self._fade_position + 1, self._fade_steps)
         for stage, mask in zip(self._fade_stages, self.masks, strict=True):
             interval_mask(stage, self._fade_position, out=mask)
-        if self._fade_position >= self.options.progressive.steps:
+        if self._fade_position >= self._fade_steps:
             self._fade_stages = None
         self.apply_masks()
 
@@ -226,7 +227,7 @@ class Pruner:
                 "events at step 0 with the criterion's init_batches), or start pruning at step >= 1"
             )
         if self._fade_stages is not None:  # a short last interval: finish the previous fade first
-            self._fade_position = MAX_STEPS
+            self._fade_position = self._fade_steps
             self._advance_fade()
         layers, scores = [], []
         for target, mask, buffer in zip(self.targets, self.masks, self.buffers, strict=True):
@@ -251,7 +252,7 @@ class Pruner:
             else:
                 stages.append(plan_fade(pattern, mask, keep, score, progressive))
         if stages:
-            self._fade_stages, self._fade_position = stages, 0
+            self._fade_stages, self._fade_position, self._fade_steps = stages, 0, progressive.steps
             self._advance_fade()  # the event's own step is the fade's first
         for buffer in self.buffers:
             criterion.after_event(buffer)
@@ -296,6 +297,7 @@ class Pruner:
             if self._fade_stages is None
             else {
                 "position": self._fade_position,
+                "steps": self._fade_steps,
                 "stages": dict(zip(names, self._fade_stages, strict=True)),
             },
         }
@@ -332,6 +334,7 @@ class Pruner:
             self._fade_stages = None
         else:
             self._fade_position = int(fade["position"])
+            self._fade_steps = int(fade["steps"])
             self._fade_stages = [
                 fade["stages"][n].to(m.device) for n, m in zip(names, self.masks, strict=True)
             ]
