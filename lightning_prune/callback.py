@@ -138,15 +138,11 @@ class PruningCallback(Callback):
     # ------------------------------------------------------------------ lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here the model is on its device and the optimizers exist; restored state may be waiting.
+        total = trainer.estimated_stepping_batches
         schedule = resolve_schedule(
-            self.start_step,
-            self.end_step,
-            self.frequency,
-            self.sparsity_curve,
-            trainer.estimated_stepping_batches,
+            self.start_step, self.end_step, self.frequency, self.sparsity_curve, total
         )
         # Manual optimization may step several optimizers per batch, which the estimate ignores.
-        total = trainer.estimated_stepping_batches
         if pl_module.automatic_optimization and is_known_length(total) and schedule.end_step > total:
             rank_zero_warn(
                 f"end_step resolves to step {schedule.end_step}, after this run's last step "
