@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
@@ -19,6 +20,22 @@ from lightning_prune.pruner import Pruner, PruningEvent
 from lightning_prune.regularizers import Regularizer
 from lightning_prune.schedules import check_curve, check_step_spec, is_known_length, resolve_schedule
 from lightning_prune.targets import DEFAULT_OP_TYPES
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse strategies that shard or wrap parameters, where masks on the local view would be wrong.
+
+    Raises:
+        ValueError: naming the strategy and the supported ones.
+    """
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    supported = isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and "DeepSpeedStrategy" not in names
+    if not supported:
+        raise ValueError(
+            f"PruningCallback does not support strategy {type(strategy).__name__}: sharded parameters "
+            "(FSDP, DeepSpeed, model parallel) are not pruned correctly yet. Supported: single device "
+            "and DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook')"
+        )
 
 
 class PruningCallback(Callback):
@@ -136,6 +153,10 @@ class PruningCallback(Callback):
         )
 
     # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_strategy(trainer.strategy)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here the model is on its device and the optimizers exist; restored state may be waiting.
         total = trainer.estimated_stepping_batches

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -30,6 +31,20 @@ from lightning_prune.targets import Target, select_targets
 from lightning_prune.thresholds import LayerGroups, select_groups
 
 STATE_VERSION = 1
+
+
+def broadcast_from_rank_zero(tensors: list[Tensor]) -> None:
+    """Overwrite ``tensors`` (bool or uint8) on every rank with rank 0's, in one collective.
+
+    Scores come from synchronised gradients and identical weights, so ranks should agree anyway;
+    broadcasting makes it certain whatever nondeterminism (ties, atomics, kernels) there is.
+    """
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
+    dist.broadcast(flat, src=0)
+    for tensor, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        tensor.copy_(chunk.view(tensor.dtype).view(tensor.shape))
 
 
 @dataclass(frozen=True)
@@ -243,14 +258,19 @@ class Pruner:
             self.options.max_sparsity_per_layer,
         )
         progressive = self.options.progressive
+        keeps = [
+            ~pattern.pruned_elements(pruned.view(group_shape), score)
+            for (score, group_shape), pruned in zip(scores, selected, strict=True)
+        ]
+        broadcast_from_rank_zero(keeps)
         stages, pruned_counts = [], []
-        for mask, (score, group_shape), pruned in zip(self.masks, scores, selected, strict=True):
-            keep = ~pattern.pruned_elements(pruned.view(group_shape), score)
+        for mask, keep, (score, _) in zip(self.masks, keeps, scores, strict=True):
             pruned_counts.append((~keep).sum())
             if progressive is None or progressive.steps == 1:
                 mask.copy_(keep)
             else:
                 stages.append(plan_fade(pattern, mask, keep, score, progressive))
+        broadcast_from_rank_zero(stages)
         if stages:
             self._fade_stages, self._fade_position, self._fade_steps = stages, 0, progressive.steps
             self._advance_fade()  # the event's own step is the fade's first

@@ -52,6 +52,11 @@ def compile_patterns(key: str, regexes: str | Sequence[str] | None) -> tuple[re.
     return tuple(compiled)
 
 
+def plain_name(name: str) -> str:
+    """A module name without ``torch.compile``'s ``_orig_mod`` wrapper, as the user wrote the model."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def _is_op_type(module: nn.Module, op_types: Sequence[str]) -> bool:
     # Match the class or any base, so Linear subclasses (e.g. attention's out_proj) count as Linear.
     return any(cls.__name__ in op_types for cls in type(module).__mro__)
@@ -84,7 +89,7 @@ def select_targets(
                 f"the model; accepted: class names such as {list(DEFAULT_OP_TYPES)}"
             )
     candidates = [
-        (name, module)
+        (plain_name(name), module)
         for name, module in model.named_modules()
         if _is_op_type(module, op_types)
         and isinstance(getattr(module, "weight", None), nn.Parameter)
