@@ -1,21 +1,31 @@
 """Which groups to prune: one ranking over all layers (global) or one per layer (local).
 
 Both honour per-layer sparsity bounds. Global selection is exact: it prunes the lowest-cost groups
-subject to every layer staying within ``[min, max]``, which is the same as one threshold ``tau`` with
-each layer's count clamped to its bounds. It is computed as: each layer's ``lo`` cheapest groups
-are mandatory, its next ``hi - lo`` cheapest are candidates, and the cheapest candidates over all
-layers fill the rest of the budget. Ties break by layer order then position, the same on every rank.
+subject to every layer staying within ``[min, max]``. Each layer's ``lo`` cheapest groups are
+mandatory, its next ``hi - lo`` cheapest are candidates, and the cheapest candidates over all layers
+fill the rest of the budget, taking the prefix (in cost order; ties by layer, then position) whose
+size is closest to it. The same choice is made on every rank.
+
+Nothing is sorted at full size, so an event scales to 1e8-1e9 scores: a histogram narrows the range
+that holds the crossing cost (``torch.histc``, one pass per round), exact counts confirm it, and only
+the few values left in the final range are sorted. Each layer's mask is then one comparison against
+a threshold plus an index-ordered pick among ties. Extra memory is a few byte-masks of one layer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 _EPS = 1e-9
+#: Histogram bins per narrowing round.
+BINS = 4096
+#: Values left in the range when narrowing stops and an exact sort takes over.
+EXACT_BELOW = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,6 @@ def select_groups(
         One 1-D bool tensor per layer, ``True`` for each group to prune.
     """
     min_sparsity = min(min_sparsity, sparsity)
-    orders = [layer.costs.argsort(stable=True) for layer in layers]
     bounds = [layer.bounds(min_sparsity, max_sparsity) for layer in layers]
     if scope == "local":
         counts = [
@@ -70,20 +79,32 @@ def select_groups(
             for layer, (lo, hi) in zip(layers, bounds, strict=True)
         ]
     elif scope == "global":
-        counts = _global_counts(layers, orders, bounds, sparsity)
+        counts = _global_counts(layers, bounds, sparsity)
     else:
         raise ValueError(f"scope={scope!r} is not one of ['global', 'local']")
-    selected = []
-    for layer, order, count in zip(layers, orders, counts, strict=True):
-        pruned = torch.zeros_like(layer.costs, dtype=torch.bool)
-        pruned[order[:count]] = True
-        selected.append(pruned)
-    return selected
+    return [lowest(layer.costs, count) for layer, count in zip(layers, counts, strict=True)]
 
 
-def _global_counts(
-    layers: list[LayerGroups], orders: list[Tensor], bounds: list[tuple[int, int]], sparsity: float
-) -> list[int]:
+def lowest(values: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` lowest of 1-D ``values``; ties go to the lower index."""
+    k = max(0, min(k, values.numel()))
+    if k == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    threshold = _crossing([values], [0], [values.numel()], [1], k)
+    return _below_plus_ties(values, threshold, k)
+
+
+def _below_plus_ties(values: Tensor, threshold: float, k: int) -> Tensor:
+    """Everything below ``threshold`` plus the first ties at it, ``k`` in all."""
+    chosen = values < threshold
+    missing = k - int(chosen.sum())
+    if missing > 0:
+        ties = values == threshold
+        chosen |= ties & (ties.cumsum(0) <= missing)
+    return chosen
+
+
+def _global_counts(layers: list[LayerGroups], bounds: list[tuple[int, int]], sparsity: float) -> list[int]:
     total = sum(layer.numel for layer in layers)
     budget = round(sparsity * total) - sum(
         lo * layer.group_size for layer, (lo, _) in zip(layers, bounds, strict=True)
@@ -91,24 +112,111 @@ def _global_counts(
     counts = [lo for lo, _ in bounds]
     if budget <= 0:
         return counts
-    device = layers[0].costs.device
-    cand_costs, cand_sizes, cand_layers = [], [], []
-    for index, (layer, order, (lo, hi)) in enumerate(zip(layers, orders, bounds, strict=True)):
-        cand_costs.append(layer.costs[order[lo:hi]].float())
-        cand_sizes.append(torch.full((hi - lo,), layer.group_size, dtype=torch.int64, device=device))
-        cand_layers.append(torch.full((hi - lo,), index, dtype=torch.int64, device=device))
-    costs = torch.cat(cand_costs)
-    if costs.numel() == 0:
-        return counts
-    rank = costs.argsort(stable=True)
-    filled = torch.cumsum(torch.cat(cand_sizes)[rank], dim=0)
-    # Take the prefix whose size is closest to the budget (ties: the smaller prefix).
-    reach = int(torch.searchsorted(filled, budget).item())
-    if reach < filled.numel():
-        over = int(filled[reach].item()) - budget
-        under = budget - (int(filled[reach - 1].item()) if reach > 0 else 0)
-        taken = reach + 1 if over < under else reach
-    else:
-        taken = filled.numel()
-    per_layer = torch.bincount(torch.cat(cand_layers)[rank[:taken]], minlength=len(layers))
-    return [count + int(extra) for count, extra in zip(counts, per_layer.tolist(), strict=True)]
+    costs = [layer.costs for layer in layers]
+    lows, highs = [lo for lo, _ in bounds], [hi for _, hi in bounds]
+    sizes = [layer.group_size for layer in layers]
+    if _weight(costs, lows, highs, sizes, math.inf, strict=False) <= budget:
+        return highs  # every candidate fits
+    value = _crossing(costs, lows, highs, sizes, budget)
+    # All candidates below the crossing value are in; ties at it go in layer order, then position,
+    # until the prefix is closest to the budget.
+    below = [_clamped(int((c < value).sum()), lo, hi) for c, lo, hi in zip(costs, lows, highs, strict=True)]
+    remaining = budget - sum((n - lo) * g for n, lo, g in zip(below, lows, sizes, strict=True))
+    counts = list(below)
+    for i, (c, hi, g) in enumerate(zip(costs, highs, sizes, strict=True)):
+        if remaining <= 0:
+            break
+        ties = _clamped(int((c <= value).sum()), lows[i], hi) - below[i]
+        take = min(ties, remaining // g)
+        counts[i] += take
+        remaining -= take * g
+        if take < ties and remaining > 0:
+            if g - remaining < remaining:  # one more overshoots by less than stopping undershoots
+                counts[i] += 1
+            break
+    return counts
+
+
+def _clamped(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, n))
+
+
+def _weight(
+    costs: Sequence[Tensor],
+    lows: Sequence[int],
+    highs: Sequence[int],
+    sizes: Sequence[int],
+    value: float,
+    strict: bool,
+) -> int:
+    """Weights of the candidates with cost ``< value`` (``strict``) or ``<= value``."""
+    total = 0
+    for c, lo, hi, g in zip(costs, lows, highs, sizes, strict=True):
+        n = int((c < value).sum()) if strict else int((c <= value).sum())
+        total += (_clamped(n, lo, hi) - lo) * g
+    return total
+
+
+def _crossing(
+    costs: Sequence[Tensor], lows: Sequence[int], highs: Sequence[int], sizes: Sequence[int], budget: int
+) -> float:
+    """The smallest cost ``v`` whose candidates ``<= v`` weigh at least ``budget`` (which must be reachable)."""
+    if _weight(costs, lows, highs, sizes, -math.inf, strict=False) >= budget:
+        return -math.inf
+    finite = [c[torch.isfinite(c)] if not torch.isfinite(c).all() else c for c in costs]
+    lo_value = min(float(c.min()) for c in finite if c.numel())
+    hi_value = max(float(c.max()) for c in finite if c.numel())
+    # Invariant: weight(< lo_value) < budget <= weight(<= hi_value).
+    while True:
+        if lo_value == hi_value:  # by the invariant, the crossing is this value
+            return lo_value
+        inside = sum(int(((c >= lo_value) & (c <= hi_value)).sum()) for c in finite)
+        if inside <= EXACT_BELOW:
+            return _exact_crossing(costs, lows, highs, sizes, budget, lo_value, hi_value)
+        # Counts at the histogram's edges are approximate (float binning); exact counts below check them.
+        below = [int((c < lo_value).sum()) for c in costs]
+        hist = torch.stack([torch.histc(c.float(), BINS, lo_value, hi_value).cpu() for c in finite])
+        cumulative = torch.tensor(below, dtype=torch.float64)[:, None] + hist.double().cumsum(1)
+        lows_t = torch.tensor(lows, dtype=torch.float64)[:, None]
+        clamped = torch.minimum(
+            torch.maximum(cumulative, lows_t), torch.tensor(highs, dtype=torch.float64)[:, None]
+        )
+        weights = ((clamped - lows_t) * torch.tensor(sizes, dtype=torch.float64)[:, None]).sum(0)
+        j = int(torch.searchsorted(weights, float(budget)).clamp_max(BINS - 1))
+        width = (hi_value - lo_value) / BINS
+        new_lo = max(lo_value, lo_value + (j - 1) * width)
+        new_hi = min(hi_value, lo_value + (j + 2) * width)
+        if _weight(costs, lows, highs, sizes, new_lo, strict=True) >= budget:
+            new_lo = lo_value
+        if _weight(costs, lows, highs, sizes, new_hi, strict=False) < budget:
+            new_hi = hi_value
+        if (new_lo, new_hi) == (lo_value, hi_value):  # no progress (float rounding): finish exactly
+            return _exact_crossing(costs, lows, highs, sizes, budget, lo_value, hi_value)
+        lo_value, hi_value = new_lo, new_hi
+
+
+def _exact_crossing(
+    costs: Sequence[Tensor],
+    lows: Sequence[int],
+    highs: Sequence[int],
+    sizes: Sequence[int],
+    budget: int,
+    lo_value: float,
+    hi_value: float,
+) -> float:
+    """Sort the values in ``[lo_value, hi_value]`` and walk candidates to the crossing."""
+    values, weights = [], []
+    reached = 0
+    for c, lo, hi, g in zip(costs, lows, highs, sizes, strict=True):
+        below = int((c < lo_value).sum())
+        reached += (_clamped(below, lo, hi) - lo) * g
+        inside = c[(c >= lo_value) & (c <= hi_value)].sort().values
+        ranks = below + torch.arange(inside.numel(), device=c.device)
+        keep = (ranks >= lo) & (ranks < hi)
+        values.append(inside[keep].double().cpu())
+        weights.append(torch.full((int(keep.sum()),), g, dtype=torch.int64))
+    merged = torch.cat(values)
+    order = merged.argsort(stable=True)
+    filled = reached + torch.cat(weights)[order].cumsum(0)
+    index = int(torch.searchsorted(filled, budget))
+    return float(merged[order[min(index, merged.numel() - 1)]])
