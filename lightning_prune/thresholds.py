@@ -78,11 +78,22 @@ def select_groups(
             max(lo, min(hi, round(sparsity * layer.numel / layer.group_size)))
             for layer, (lo, hi) in zip(layers, bounds, strict=True)
         ]
-    elif scope == "global":
-        counts = _global_counts(layers, bounds, sparsity)
-    else:
+        return [lowest(layer.costs, count) for layer, count in zip(layers, counts, strict=True)]
+    if scope != "global":
         raise ValueError(f"scope={scope!r} is not one of ['global', 'local']")
-    return [lowest(layer.costs, count) for layer, count in zip(layers, counts, strict=True)]
+    counts, value = _global_counts(layers, bounds, sparsity)
+    selected = []
+    for layer, count in zip(layers, counts, strict=True):
+        # Layers not held by a bound cut at the global crossing value; the others at their own.
+        if value is not None and _count(layer.costs < value) <= count <= _count(layer.costs <= value):
+            selected.append(_below_plus_ties(layer.costs, value, count))
+        else:
+            selected.append(lowest(layer.costs, count))
+    return selected
+
+
+def _count(mask: Tensor) -> int:
+    return int(torch.count_nonzero(mask))
 
 
 def lowest(values: Tensor, k: int) -> Tensor:
@@ -97,36 +108,41 @@ def lowest(values: Tensor, k: int) -> Tensor:
 def _below_plus_ties(values: Tensor, threshold: float, k: int) -> Tensor:
     """Everything below ``threshold`` plus the first ties at it, ``k`` in all."""
     chosen = values < threshold
-    missing = k - int(chosen.sum())
+    missing = k - _count(chosen)
     if missing > 0:
         ties = values == threshold
         chosen |= ties & (ties.cumsum(0) <= missing)
     return chosen
 
 
-def _global_counts(layers: list[LayerGroups], bounds: list[tuple[int, int]], sparsity: float) -> list[int]:
+def _global_counts(
+    layers: list[LayerGroups], bounds: list[tuple[int, int]], sparsity: float
+) -> tuple[list[int], float | None]:
+    """Groups to prune per layer, and the crossing cost (``None`` when no candidate is needed)."""
     total = sum(layer.numel for layer in layers)
     budget = round(sparsity * total) - sum(
         lo * layer.group_size for layer, (lo, _) in zip(layers, bounds, strict=True)
     )
-    counts = [lo for lo, _ in bounds]
-    if budget <= 0:
-        return counts
-    costs = [layer.costs for layer in layers]
     lows, highs = [lo for lo, _ in bounds], [hi for _, hi in bounds]
+    if budget <= 0:
+        return lows, None
+    costs = [layer.costs for layer in layers]
     sizes = [layer.group_size for layer in layers]
-    if _weight(costs, lows, highs, sizes, math.inf, strict=False) <= budget:
-        return highs  # every candidate fits
+    if _weight(costs, lows, highs, sizes, _counts(costs, math.inf, strict=False)) <= budget:
+        return highs, None  # every candidate fits
     value = _crossing(costs, lows, highs, sizes, budget)
     # All candidates below the crossing value are in; ties at it go in layer order, then position,
     # until the prefix is closest to the budget.
-    below = [_clamped(int((c < value).sum()), lo, hi) for c, lo, hi in zip(costs, lows, highs, strict=True)]
+    below = [
+        _clamped(n, lo, hi) for n, lo, hi in zip(_counts(costs, value, strict=True), lows, highs, strict=True)
+    ]
+    at_most = _counts(costs, value, strict=False)
     remaining = budget - sum((n - lo) * g for n, lo, g in zip(below, lows, sizes, strict=True))
     counts = list(below)
-    for i, (c, hi, g) in enumerate(zip(costs, highs, sizes, strict=True)):
+    for i, (hi, g) in enumerate(zip(highs, sizes, strict=True)):
         if remaining <= 0:
             break
-        ties = _clamped(int((c <= value).sum()), lows[i], hi) - below[i]
+        ties = _clamped(at_most[i], lows[i], hi) - below[i]
         take = min(ties, remaining // g)
         counts[i] += take
         remaining -= take * g
@@ -134,11 +150,16 @@ def _global_counts(layers: list[LayerGroups], bounds: list[tuple[int, int]], spa
             if g - remaining < remaining:  # one more overshoots by less than stopping undershoots
                 counts[i] += 1
             break
-    return counts
+    return counts, value
 
 
 def _clamped(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, n))
+
+
+def _counts(costs: Sequence[Tensor], value: float, strict: bool) -> list[int]:
+    """Per layer, how many costs are ``< value`` (``strict``) or ``<= value``."""
+    return [_count(c < value) if strict else _count(c <= value) for c in costs]
 
 
 def _weight(
@@ -146,53 +167,50 @@ def _weight(
     lows: Sequence[int],
     highs: Sequence[int],
     sizes: Sequence[int],
-    value: float,
-    strict: bool,
+    counts: Sequence[int],
 ) -> int:
-    """Weights of the candidates with cost ``< value`` (``strict``) or ``<= value``."""
-    total = 0
-    for c, lo, hi, g in zip(costs, lows, highs, sizes, strict=True):
-        n = int((c < value).sum()) if strict else int((c <= value).sum())
-        total += (_clamped(n, lo, hi) - lo) * g
-    return total
+    """Weight of the candidates among the first ``counts`` groups of each layer."""
+    return sum(
+        (_clamped(n, lo, hi) - lo) * g for n, lo, hi, g in zip(counts, lows, highs, sizes, strict=True)
+    )
 
 
 def _crossing(
     costs: Sequence[Tensor], lows: Sequence[int], highs: Sequence[int], sizes: Sequence[int], budget: int
 ) -> float:
     """The smallest cost ``v`` whose candidates ``<= v`` weigh at least ``budget`` (which must be reachable)."""
-    if _weight(costs, lows, highs, sizes, -math.inf, strict=False) >= budget:
+    if _weight(costs, lows, highs, sizes, _counts(costs, -math.inf, strict=False)) >= budget:
         return -math.inf
-    finite = [c[torch.isfinite(c)] if not torch.isfinite(c).all() else c for c in costs]
+    finite = [c if bool(torch.isfinite(c).all()) else c[torch.isfinite(c)] for c in costs]
     lo_value = min(float(c.min()) for c in finite if c.numel())
     hi_value = max(float(c.max()) for c in finite if c.numel())
-    # Invariant: weight(< lo_value) < budget <= weight(<= hi_value).
-    while True:
-        if lo_value == hi_value:  # by the invariant, the crossing is this value
-            return lo_value
-        inside = sum(int(((c >= lo_value) & (c <= hi_value)).sum()) for c in finite)
-        if inside <= EXACT_BELOW:
-            return _exact_crossing(costs, lows, highs, sizes, budget, lo_value, hi_value)
-        # Counts at the histogram's edges are approximate (float binning); exact counts below check them.
-        below = [int((c < lo_value).sum()) for c in costs]
-        hist = torch.stack([torch.histc(c.float(), BINS, lo_value, hi_value).cpu() for c in finite])
-        cumulative = torch.tensor(below, dtype=torch.float64)[:, None] + hist.double().cumsum(1)
+    below = _counts(costs, lo_value, strict=True)
+    inside = sum(c.numel() for c in finite)
+    # Invariant: weight(< lo_value) < budget <= weight(<= hi_value); `below` counts < lo_value.
+    while lo_value != hi_value and inside > EXACT_BELOW:
+        # Bin edges are approximate (float binning); exact counts at the new ends check them.
+        hist = torch.stack([torch.histc(c.float(), BINS, lo_value, hi_value).cpu() for c in finite]).double()
+        cumulative = torch.tensor(below, dtype=torch.float64)[:, None] + hist.cumsum(1)
         lows_t = torch.tensor(lows, dtype=torch.float64)[:, None]
-        clamped = torch.minimum(
-            torch.maximum(cumulative, lows_t), torch.tensor(highs, dtype=torch.float64)[:, None]
-        )
-        weights = ((clamped - lows_t) * torch.tensor(sizes, dtype=torch.float64)[:, None]).sum(0)
+        highs_t = torch.tensor(highs, dtype=torch.float64)[:, None]
+        sizes_t = torch.tensor(sizes, dtype=torch.float64)[:, None]
+        weights = ((torch.minimum(torch.maximum(cumulative, lows_t), highs_t) - lows_t) * sizes_t).sum(0)
         j = int(torch.searchsorted(weights, float(budget)).clamp_max(BINS - 1))
         width = (hi_value - lo_value) / BINS
         new_lo = max(lo_value, lo_value + (j - 1) * width)
         new_hi = min(hi_value, lo_value + (j + 2) * width)
-        if _weight(costs, lows, highs, sizes, new_lo, strict=True) >= budget:
-            new_lo = lo_value
-        if _weight(costs, lows, highs, sizes, new_hi, strict=False) < budget:
+        new_below = _counts(costs, new_lo, strict=True)
+        if _weight(costs, lows, highs, sizes, new_below) >= budget:
+            new_lo, new_below = lo_value, below
+        if _weight(costs, lows, highs, sizes, _counts(costs, new_hi, strict=False)) < budget:
             new_hi = hi_value
-        if (new_lo, new_hi) == (lo_value, hi_value):  # no progress (float rounding): finish exactly
-            return _exact_crossing(costs, lows, highs, sizes, budget, lo_value, hi_value)
-        lo_value, hi_value = new_lo, new_hi
+        if (new_lo, new_hi) == (lo_value, hi_value):
+            break  # no progress (float rounding): finish exactly
+        lo_value, hi_value, below = new_lo, new_hi, new_below
+        inside = int(hist[:, max(j - 1, 0) : j + 2].sum()) + 1  # about what is left in range
+    if lo_value == hi_value:  # by the invariant, the crossing is this value
+        return lo_value
+    return _exact_crossing(costs, lows, highs, sizes, budget, lo_value, hi_value, below)
 
 
 def _exact_crossing(
@@ -203,18 +221,17 @@ def _exact_crossing(
     budget: int,
     lo_value: float,
     hi_value: float,
+    below: Sequence[int],
 ) -> float:
-    """Sort the values in ``[lo_value, hi_value]`` and walk candidates to the crossing."""
+    """Sort the values in ``[lo_value, hi_value]`` and walk the candidates to the crossing."""
     values, weights = [], []
-    reached = 0
-    for c, lo, hi, g in zip(costs, lows, highs, sizes, strict=True):
-        below = int((c < lo_value).sum())
-        reached += (_clamped(below, lo, hi) - lo) * g
+    reached = _weight(costs, lows, highs, sizes, below)
+    for c, lo, hi, g, n in zip(costs, lows, highs, sizes, below, strict=True):
         inside = c[(c >= lo_value) & (c <= hi_value)].sort().values
-        ranks = below + torch.arange(inside.numel(), device=c.device)
+        ranks = n + torch.arange(inside.numel(), device=c.device)
         keep = (ranks >= lo) & (ranks < hi)
         values.append(inside[keep].double().cpu())
-        weights.append(torch.full((int(keep.sum()),), g, dtype=torch.int64))
+        weights.append(torch.full((_count(keep),), g, dtype=torch.int64))
     merged = torch.cat(values)
     order = merged.argsort(stable=True)
     filled = reached + torch.cat(weights)[order].cumsum(0)
