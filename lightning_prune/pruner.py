@@ -105,6 +105,13 @@ class Pruner:
         if not self.targets:
             raise ValueError(f"pattern {str(pattern)!r} cannot tile any selected layer: {self.skipped}")
         self.masks: list[Tensor] = [torch.ones_like(t.param, dtype=torch.bool) for t in self.targets]
+        # What the step hook multiplies by. CPU kernels mixing bool and float run unvectorised (about
+        # 20x slower than float * float, see benchmarks/RESULTS.md), so CPU weights get a copy of
+        # their mask in their own dtype; elsewhere the bool mask itself is used.
+        self._step_masks: list[Tensor] = [
+            m if t.param.device.type != "cpu" else torch.ones_like(t.param)
+            for t, m in zip(self.targets, self.masks, strict=True)
+        ]
         criterion = self.options.criterion
         self.buffers: list[Tensor | None] = [criterion.init_buffer(t.param) for t in self.targets]
         #: Real optimizer steps taken (steps skipped by an AMP gradient scaler do not count).
@@ -145,7 +152,7 @@ class Pruner:
             if id(p) in index
         ]
         params = [self.targets[i].param for i, _ in owned]
-        masks = [self.masks[i] for i, _ in owned]
+        masks = [self._step_masks[i] for i, _ in owned]
         groups = [group for _, group in owned]
 
         def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
@@ -170,8 +177,8 @@ class Pruner:
         check stays on the device, so it costs no host sync.
         """
         criterion = self.options.criterion
-        if not criterion.needs_gradients:
-            return
+        if not criterion.needs_gradients or self.finished:
+            return  # no event left to use the scores
         grads = [t.param.grad for t in self.targets if t.param.grad is not None]
         if not grads:
             return
@@ -211,6 +218,11 @@ class Pruner:
         if self.schedule.is_event(self.step) and not already_done:
             return self.prune(self.schedule.sparsity_at(self.step, self.options.target_sparsity))
         return None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the schedule's last event has run."""
+        return bool(self.events) and self.events[-1].step >= self.schedule.end_step
 
     @property
     def fading(self) -> bool:
@@ -288,7 +300,10 @@ class Pruner:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every pruned weight of every target in place."""
-        torch._foreach_mul_([t.param for t in self.targets], self.masks)
+        for step_mask, mask in zip(self._step_masks, self.masks, strict=True):
+            if step_mask is not mask:
+                step_mask.copy_(mask)
+        torch._foreach_mul_([t.param for t in self.targets], self._step_masks)
 
     @property
     def sparsity(self) -> float:

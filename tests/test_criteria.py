@@ -386,7 +386,8 @@ def test_retrying_attach_after_the_no_gradient_error_counts_each_step_once() -> 
     pruner.attach(optimizer)
     assert pruner.sparsity == 0.5
     optimizer.step()
-    assert (pruner.step, pruner.gradient_steps) == (1, 2)
+    # One step counted once; no scoring after the (only) event: nothing would use it.
+    assert (pruner.step, pruner.gradient_steps) == (1, 1)
 
 
 def test_attach_accumulates_in_the_step_pre_hook() -> None:
@@ -581,7 +582,8 @@ def test_snip_at_initialization() -> None:
     assert [e.step for e in pruner.events] == [0]
     assert seen["step"] == 0 and seen["zeros"] == pytest.approx(0.5, abs=1e-3)
     assert seen["gradient_steps"] == 3
-    assert pruner.gradient_steps == 3 + trainer.global_step == 8
+    assert trainer.global_step == 5
+    assert pruner.gradient_steps == 3, "after the one-shot, no step is scored: no event would use it"
     assert all(g is None for g in seen["grads"]), "init scoring must clear its gradients"
     assert seen["optimizer_state"] == 0, "init scoring must not step the optimizer"
     masks = dict(zip(["net.0.weight", "net.2.weight"], seen["masks"], strict=True))
@@ -642,7 +644,8 @@ def test_manual_optimization_with_later_start_works() -> None:
         "snip", "1x1", 0.5, max_steps=12, module=ManualTiny, start_step=2, end_step=10, frequency=4
     )
     pruner = pruning.pruner
-    assert trainer.global_step == pruner.step == pruner.gradient_steps == 12
+    assert trainer.global_step == pruner.step == 12
+    assert pruner.gradient_steps == 10, "scored up to the last event (step 10), not after"
     assert [e.step for e in pruner.events] == [6, 10]
     assert zero_fraction(pruned_weights(pruning)) == pytest.approx(0.5, abs=1e-3)
     assert holds.checked == 12
@@ -652,7 +655,8 @@ def test_gradient_accumulation_scores_once_per_optimizer_step() -> None:
     _, pruning, trainer, _ = _fit(
         "snip", "4x1", 0.5, max_steps=8, accumulate_grad_batches=2, start_step=2, end_step=6, frequency=2
     )
-    assert trainer.global_step == pruning.pruner.step == pruning.pruner.gradient_steps == 8
+    assert trainer.global_step == pruning.pruner.step == 8
+    assert pruning.pruner.gradient_steps == 6, "scored once per optimizer step up to the last event"
     assert zero_fraction(pruned_weights(pruning)) == pytest.approx(0.5, abs=4 / 1536)
 
 
@@ -728,7 +732,7 @@ def test_snip_momentum_scores_survive_a_resume(tmp_path: Path) -> None:
     resumed_model, resumed = _fit_resumable(tmp_path / "resumed", max_epochs=4, ckpt_path=str(checkpoint))
 
     assert resumed.pruner.step == straight.pruner.step == 40
-    assert resumed.pruner.gradient_steps == straight.pruner.gradient_steps == 40
+    assert resumed.pruner.gradient_steps == straight.pruner.gradient_steps == 30  # up to the last event
     assert resumed.pruner.events == straight.pruner.events
     for a, b in zip(straight.pruner.masks, resumed.pruner.masks, strict=True):
         assert torch.equal(a, b)
