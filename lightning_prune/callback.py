@@ -29,7 +29,9 @@ def check_strategy(strategy: Strategy) -> None:
         ValueError: naming the strategy and the supported ones.
     """
     names = {cls.__name__ for cls in type(strategy).__mro__}
-    supported = isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and "DeepSpeedStrategy" not in names
+    # DeepSpeed and XLA subclass DDPStrategy but shard parameters or run without torch.distributed.
+    refused = {"DeepSpeedStrategy", "XLAStrategy", "SingleDeviceXLAStrategy"}
+    supported = isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not names & refused
     if not supported:
         raise ValueError(
             f"PruningCallback does not support strategy {type(strategy).__name__}: sharded parameters "
