@@ -277,7 +277,7 @@ class Pruner:
         broadcast_from_rank_zero(keeps)
         stages, pruned_counts = [], []
         for mask, keep, (score, _) in zip(self.masks, keeps, scores, strict=True):
-            pruned_counts.append((~keep).sum())
+            pruned_counts.append(keep.numel() - torch.count_nonzero(keep))
             if progressive is None or progressive.steps == 1:
                 mask.copy_(keep)
             else:
@@ -308,12 +308,13 @@ class Pruner:
     @property
     def sparsity(self) -> float:
         """Fraction of pruned weights over all targets, from the masks."""
-        pruned = sum(int((~m).sum()) for m in self.masks)
+        pruned = sum(m.numel() - int(torch.count_nonzero(m)) for m in self.masks)
         return pruned / sum(m.numel() for m in self.masks)
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of pruned weights per target, by module name, from the masks."""
-        pruned = torch.stack([(~m).sum() for m in self.masks]).tolist()
+        kept = torch.stack([torch.count_nonzero(m).cpu() for m in self.masks]).tolist()
+        pruned = [m.numel() - k for m, k in zip(self.masks, kept, strict=True)]
         return {t.name: p / m.numel() for t, m, p in zip(self.targets, self.masks, pruned, strict=True)}
 
     # ------------------------------------------------------------------ checkpointing

@@ -25,7 +25,7 @@ _EPS = 1e-9
 #: Histogram bins per narrowing round.
 BINS = 4096
 #: Values left in the range when narrowing stops and an exact sort takes over.
-EXACT_BELOW = 1 << 16
+EXACT_BELOW = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,8 @@ def _crossing(
     """The smallest cost ``v`` whose candidates ``<= v`` weigh at least ``budget`` (which must be reachable)."""
     if _weight(costs, lows, highs, sizes, _counts(costs, -math.inf, strict=False)) >= budget:
         return -math.inf
-    finite = [c if bool(torch.isfinite(c).all()) else c[torch.isfinite(c)] for c in costs]
+    # Only already-pruned groups hold -inf; a cheap min() tells whether a layer has any.
+    finite = [c if float(c.min()) > -math.inf else c[c > -math.inf] for c in costs]
     lo_value = min(float(c.min()) for c in finite if c.numel())
     hi_value = max(float(c.max()) for c in finite if c.numel())
     below = _counts(costs, lo_value, strict=True)
