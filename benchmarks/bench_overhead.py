@@ -557,7 +557,7 @@ Arms (fresh module per fit, same seed, same synthetic data, Adam, every timed st
   same weights as ours (Linear/Conv weights but the head); prunes at the end of epoch 0 (the warm-up),
   then keeps its forward pre-hooks (`weight = weight_orig * mask` every forward).
 - `ours_snip_momentum`: as `ours` with `criterion="snip_momentum"`, one-shot at step {SNIP_EVENT_STEP};
-  its scores still accumulate every step.
+  after that last event it scores nothing (no event would use the scores).
 
 {render_table(rows)}
 
