@@ -13,10 +13,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lightning_prune.value import ValueObject
+
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class Criterion(ABC):
+class Criterion(ValueObject, ABC):
     """Scores weights; subclasses that need gradients accumulate them into a buffer.
 
     The Pruner calls :meth:`init_buffer` once per target, :meth:`accumulate` before every real
@@ -33,7 +35,7 @@ class Criterion(ABC):
         """A score buffer for ``param``, or ``None`` when the criterion keeps no state."""
         return None
 
-    def accumulate(self, buffer: Tensor | None, param: Tensor, finite: Tensor) -> None:  # noqa: B027
+    def accumulate(self, buffer: Tensor | None, param: Tensor, finite: Tensor) -> None:
         """Fold ``param.grad`` into ``buffer``; called before each real optimizer step.
 
         Args:
@@ -47,18 +49,8 @@ class Criterion(ABC):
     def score(self, buffer: Tensor | None, param: Tensor) -> Tensor:
         """Element scores shaped like ``param``: a new float32 tensor (the Pruner edits it in place)."""
 
-    def after_event(self, buffer: Tensor | None) -> None:  # noqa: B027 - optional hook
+    def after_event(self, buffer: Tensor | None) -> None:
         """Called after each pruning event, e.g. to reset ``buffer``."""
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(vars(self).items()))))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"
 
 
 CRITERIA: dict[str, type[Criterion]] = {}

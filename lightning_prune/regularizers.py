@@ -22,31 +22,22 @@ import torch
 from torch import Tensor
 
 from lightning_prune.patterns import NMPattern, Pattern
+from lightning_prune.value import ValueObject
 
 _TINY = 1e-12
 
 
-class Regularizer(ABC):
+class Regularizer(ValueObject, ABC):
     """Acts on the targeted weights right after each optimizer step inside the pruning window."""
 
     name: ClassVar[str] = ""
 
-    def check_pattern(self, pattern: Pattern) -> None:  # noqa: B027 - optional hook
+    def check_pattern(self, pattern: Pattern) -> None:
         """Raise ``ValueError`` if this regularizer cannot serve ``pattern``."""
 
     @abstractmethod
     def apply(self, weight: Tensor, lr: float, pattern: Pattern) -> None:
         """Update ``weight`` in place after an optimizer step taken with learning rate ``lr``."""
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(vars(self).items()))))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"
 
 
 class GroupLasso(Regularizer):
