@@ -110,8 +110,7 @@ def _below_plus_ties(values: Tensor, threshold: float, k: int) -> Tensor:
     chosen = values < threshold
     missing = k - _count(chosen)
     if missing > 0:
-        ties = values == threshold
-        chosen |= ties & (ties.cumsum(0) <= missing)
+        chosen[(values == threshold).nonzero().flatten()[:missing]] = True
     return chosen
 
 
