@@ -81,11 +81,11 @@ def select_groups(
         return [lowest(layer.costs, count) for layer, count in zip(layers, counts, strict=True)]
     if scope != "global":
         raise ValueError(f"scope={scope!r} is not one of ['global', 'local']")
-    counts, value = _global_counts(layers, bounds, sparsity)
+    counts, value, below, at_most = _global_counts(layers, bounds, sparsity)
     selected = []
-    for layer, count in zip(layers, counts, strict=True):
+    for i, (layer, count) in enumerate(zip(layers, counts, strict=True)):
         # Layers not held by a bound cut at the global crossing value; the others at their own.
-        if value is not None and _count(layer.costs < value) <= count <= _count(layer.costs <= value):
+        if value is not None and below[i] <= count <= at_most[i]:
             selected.append(_below_plus_ties(layer.costs, value, count))
         else:
             selected.append(lowest(layer.costs, count))
@@ -116,25 +116,25 @@ def _below_plus_ties(values: Tensor, threshold: float, k: int) -> Tensor:
 
 def _global_counts(
     layers: list[LayerGroups], bounds: list[tuple[int, int]], sparsity: float
-) -> tuple[list[int], float | None]:
-    """Groups to prune per layer, and the crossing cost (``None`` when no candidate is needed)."""
+) -> tuple[list[int], float | None, list[int], list[int]]:
+    """Groups to prune per layer, the crossing cost (``None`` when none is needed), and per layer
+    the number of costs below it and at most it."""
     total = sum(layer.numel for layer in layers)
     budget = round(sparsity * total) - sum(
         lo * layer.group_size for layer, (lo, _) in zip(layers, bounds, strict=True)
     )
     lows, highs = [lo for lo, _ in bounds], [hi for _, hi in bounds]
     if budget <= 0:
-        return lows, None
+        return lows, None, [], []
     costs = [layer.costs for layer in layers]
     sizes = [layer.group_size for layer in layers]
-    if _weight(costs, lows, highs, sizes, _counts(costs, math.inf, strict=False)) <= budget:
-        return highs, None  # every candidate fits
+    if _weight(costs, lows, highs, sizes, [c.numel() for c in costs]) <= budget:
+        return highs, None, [], []  # every candidate fits
     value = _crossing(costs, lows, highs, sizes, budget)
     # All candidates below the crossing value are in; ties at it go in layer order, then position,
     # until the prefix is closest to the budget.
-    below = [
-        _clamped(n, lo, hi) for n, lo, hi in zip(_counts(costs, value, strict=True), lows, highs, strict=True)
-    ]
+    raw_below = _counts(costs, value, strict=True)
+    below = [_clamped(n, lo, hi) for n, lo, hi in zip(raw_below, lows, highs, strict=True)]
     at_most = _counts(costs, value, strict=False)
     remaining = budget - sum((n - lo) * g for n, lo, g in zip(below, lows, sizes, strict=True))
     counts = list(below)
@@ -149,7 +149,7 @@ def _global_counts(
             if g - remaining < remaining:  # one more overshoots by less than stopping undershoots
                 counts[i] += 1
             break
-    return counts, value
+    return counts, value, raw_below, at_most
 
 
 def _clamped(n: int, lo: int, hi: int) -> int:
@@ -178,10 +178,14 @@ def _crossing(
     costs: Sequence[Tensor], lows: Sequence[int], highs: Sequence[int], sizes: Sequence[int], budget: int
 ) -> float:
     """The smallest cost ``v`` whose candidates ``<= v`` weigh at least ``budget`` (which must be reachable)."""
-    if _weight(costs, lows, highs, sizes, _counts(costs, -math.inf, strict=False)) >= budget:
-        return -math.inf
     # Only already-pruned groups hold -inf; a cheap min() tells whether a layer has any.
-    finite = [c if float(c.min()) > -math.inf else c[c > -math.inf] for c in costs]
+    has_pruned = [float(c.min()) == -math.inf for c in costs]
+    if (
+        any(has_pruned)
+        and _weight(costs, lows, highs, sizes, _counts(costs, -math.inf, strict=False)) >= budget
+    ):
+        return -math.inf
+    finite = [c[c > -math.inf] if pruned else c for c, pruned in zip(costs, has_pruned, strict=True)]
     lo_value = min(float(c.min()) for c in finite if c.numel())
     hi_value = max(float(c.max()) for c in finite if c.numel())
     below = _counts(costs, lo_value, strict=True)
