@@ -203,11 +203,12 @@ class Pruner:
         if regularizer is not None and param_groups is not None and self.step <= self.schedule.end_step:
             for param, group in zip(params, param_groups, strict=True):
                 regularizer.apply(param, float(group["lr"]), self.options.pattern)
-        if self._fade_stages is not None:
-            self._advance_fade()
+        fading = self._fade_stages is not None
+        if fading:
+            self._advance_fade()  # applies every mask
         if self.schedule.is_event(self.step):
             return self.prune(self.schedule.sparsity_at(self.step, self.options.target_sparsity))
-        if params:
+        if params and not fading:
             with torch.no_grad():
                 torch._foreach_mul_(params, masks)
         return None
