@@ -260,6 +260,11 @@ class Pruner:
         layers, scores = [], []
         for target, mask, buffer in zip(self.targets, self.masks, self.buffers, strict=True):
             score = criterion.score(buffer, target.param).masked_fill_(~mask, float("-inf"))
+            if bool(score.isnan().any()):  # a broken weight or score: prune it first, and say so
+                rank_zero_warn(
+                    f"lightning_prune: {target.name} has NaN scores; those weights are pruned first"
+                )
+                score.masked_fill_(score.isnan(), float("-inf"))
             costs = pattern.group_costs(score)
             layers.append(LayerGroups(costs.flatten(), pattern.group_size(score.shape), score.numel()))
             scores.append((score, costs.shape))
@@ -300,11 +305,11 @@ class Pruner:
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero every pruned weight of every target in place."""
-        for step_mask, mask in zip(self._step_masks, self.masks, strict=True):
+        """Zero every pruned weight of every target in place (exact zeros, also where a weight is NaN)."""
+        for target, step_mask, mask in zip(self.targets, self._step_masks, self.masks, strict=True):
             if step_mask is not mask:
                 step_mask.copy_(mask)
-        torch._foreach_mul_([t.param for t in self.targets], self._step_masks)
+            target.param.masked_fill_(~mask, 0.0)
 
     @property
     def sparsity(self) -> float:

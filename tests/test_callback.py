@@ -185,3 +185,17 @@ def test_plain_pytorch_loop_without_lightning() -> None:
     model[0].weight.data.fill_(1.0)
     optimizer.step()
     assert (model[0].weight != 0).all(), "detach removes the hooks"
+
+
+def test_nan_weights_are_pruned_first_with_a_warning() -> None:
+    from lightning_prune import Pruner, PruningOptions, Schedule
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight[0, :3] = float("nan")
+    pruner = Pruner(model, Schedule(1, 1), PruningOptions(target_sparsity=0.25, pattern="1x1"))
+    with pytest.warns(UserWarning, match=r"0 has NaN scores"):
+        pruner.prune(0.25)
+    assert not pruner.masks[0][0, :3].any(), "NaN weights go first"
+    assert not model[0].weight.isnan().any()
+    assert pruner.sparsity == 0.25
