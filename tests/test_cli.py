@@ -1,0 +1,93 @@
+"""The lightning-prune command: flags reach the callback, the config round-trips, help shows the docs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_prune import PruningCallback
+from lightning_prune.cli import main
+
+CONFIG = str(Path(__file__).parent.parent / "conf" / "cli" / "digits.yaml")
+QUICK = [
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.enable_model_summary",
+    "false",
+]
+
+
+def _pruning(cli: object) -> PruningCallback:
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, PruningCallback)]  # type: ignore[attr-defined]
+    return callback
+
+
+def test_fit_with_flags_prunes_to_the_asked_pattern() -> None:
+    cli = main(
+        ["fit", "--config", CONFIG, *QUICK, "--pruning.target_sparsity", "0.5", "--pruning.pattern", "2:4"]
+    )
+    callback = _pruning(cli)
+    assert str(callback.options.pattern) == "2:4" and callback.options.target_sparsity == 0.5
+    for target in callback.pruner.targets:
+        weight = target.param.detach()
+        groups = (weight.view(weight.shape[0], -1, 4) == 0).sum(-1)
+        assert (groups == 2).all(), target.name
+
+
+def test_print_config_feeds_back_unchanged(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_prune",
+        "fit",
+        "--config",
+        CONFIG,
+        "--pruning.pattern",
+        "1xchannel",
+    ]
+    first = subprocess.run([*command, "--print_config"], capture_output=True, text=True, check=True).stdout
+    saved = tmp_path / "config.yaml"
+    saved.write_text(first)
+    again = subprocess.run(
+        [sys.executable, "-m", "lightning_prune", "fit", "--config", str(saved), "--print_config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert again == first
+    assert "pattern: 1xchannel" in first and "target_sparsity: 0.9" in first
+
+
+def test_help_shows_every_pruning_argument_with_its_docstring() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_prune", "fit", "--help"], capture_output=True, text=True, check=True
+    )
+    for flag in (
+        "--pruning.target_sparsity",
+        "--pruning.pattern",
+        "--pruning.criterion",
+        "--pruning.progressive",
+    ):
+        assert flag in result.stdout
+    assert "final fraction of zeros among the targeted weights" in " ".join(result.stdout.split())
+
+
+def test_bad_flag_value_fails_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises((SystemExit, ValueError)) as error:
+        main(["fit", "--config", CONFIG, *QUICK, "--pruning.pattern", "5y3"])
+    message = str(error.value) + capsys.readouterr().err
+    assert "5y3" in message and "pattern" in message
+
+
+def test_console_script_is_registered() -> None:
+    import importlib.metadata
+
+    (entry,) = [
+        e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "lightning-prune"
+    ]
+    assert entry.load() is main
