@@ -27,10 +27,17 @@ def _pruning(cli: object) -> PruningCallback:
     return callback
 
 
-def test_fit_with_flags_prunes_to_the_asked_pattern() -> None:
-    cli = main(
-        ["fit", "--config", CONFIG, *QUICK, "--pruning.target_sparsity", "0.5", "--pruning.pattern", "2:4"]
-    )
+def test_fit_with_flags_prunes_to_the_asked_pattern(tmp_path: Path) -> None:
+    flags = [
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--pruning.target_sparsity",
+        "0.5",
+        "--pruning.pattern",
+        "2:4",
+    ]
+    cli = main(["fit", "--config", CONFIG, *QUICK, *flags])
+    assert (tmp_path / "config.yaml").exists(), "LightningCLI saves the config in the run's directory"
     callback = _pruning(cli)
     assert str(callback.options.pattern) == "2:4" and callback.options.target_sparsity == 0.5
     for target in callback.pruner.targets:
@@ -77,9 +84,20 @@ def test_help_shows_every_pruning_argument_with_its_docstring() -> None:
     assert "final fraction of zeros among the targeted weights" in " ".join(result.stdout.split())
 
 
-def test_bad_flag_value_fails_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flag_value_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises((SystemExit, ValueError)) as error:
-        main(["fit", "--config", CONFIG, *QUICK, "--pruning.pattern", "5y3"])
+        main(
+            [
+                "fit",
+                "--config",
+                CONFIG,
+                *QUICK,
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--pruning.pattern",
+                "5y3",
+            ]
+        )
     message = str(error.value) + capsys.readouterr().err
     assert "5y3" in message and "pattern" in message
 
