@@ -1,6 +1,7 @@
 """lightning_prune: prune a network while it trains, with a PyTorch Lightning callback."""
 
 from lightning_prune.callback import PruningCallback
+from lightning_prune.config import PruningConfig
 from lightning_prune.criteria import (
     AccumulatingCriterion,
     Criterion,
@@ -32,6 +33,7 @@ __all__ = [
     "Progressive",
     "Pruner",
     "PruningCallback",
+    "PruningConfig",
     "PruningEvent",
     "PruningOptions",
     "Regularizer",

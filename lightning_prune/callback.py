@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from omegaconf import DictConfig
 from torch.optim import Optimizer
 
+from lightning_prune.config import PruningConfig, config_to_kwargs
 from lightning_prune.criteria import Criterion
 from lightning_prune.init_scoring import score_at_init
 from lightning_prune.options import PruningOptions
@@ -145,6 +147,19 @@ class PruningCallback(Callback):
         self.pruner: Pruner | None = None
         self._pending_state: dict[str, Any] | None = None
         self._logged_events = 0
+
+    @classmethod
+    def from_config(cls, config: PruningConfig | Mapping[str, Any] | DictConfig) -> PruningCallback:
+        """Build the callback from a :class:`~lightning_prune.config.PruningConfig`, a dict or a ``DictConfig``.
+
+        Unknown keys are an error that names them; values are type-checked by OmegaConf first.
+
+        Example::
+
+            >>> PruningCallback.from_config({"target_sparsity": 0.5, "pattern": "2:4"}).options.pattern
+            NMPattern('2:4')
+        """
+        return cls(**config_to_kwargs(config))
 
     @property
     def state_key(self) -> str:

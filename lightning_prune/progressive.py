@@ -22,6 +22,8 @@ from lightning_prune.patterns import Pattern, UnstructuredPattern
 
 KINDS = ("scores", "linear")
 KEEP = 255
+#: Fade length for ``Progressive(steps=None)``, i.e. ``progressive=True``.
+DEFAULT_STEPS = 4
 MAX_STEPS = KEEP - 1
 
 
@@ -32,15 +34,17 @@ class Progressive:
     Args:
         steps: optimizer steps over which a newly pruned group goes from dense to zero, counting the
             event's own step; ``1 <= steps <= 254`` and at most the schedule's ``frequency``.
+            ``None`` (what ``progressive=True`` gives) means ``DEFAULT_STEPS``, shortened to the
+            schedule's ``frequency`` when that is smaller.
         kind: ``"scores"`` zeroes each group's weights lowest-score first; ``"linear"`` in their order
             within the block.
     """
 
-    steps: int = 4
+    steps: int | None = None
     kind: str = "scores"
 
     def __post_init__(self) -> None:
-        if (
+        if self.steps is not None and (
             isinstance(self.steps, bool)
             or not isinstance(self.steps, int)
             or not 1 <= self.steps <= MAX_STEPS
@@ -68,6 +72,14 @@ def check_progressive_pattern(progressive: Progressive | None, pattern: Pattern)
             "progressive=True needs a structured pattern ('NxM', 'channelx1', '1xchannel', 'N:M'); "
             f"pattern {str(pattern)!r} is unstructured"
         )
+
+
+def resolve_steps(progressive: Progressive, frequency: int | None) -> Progressive:
+    """Fix ``steps=None`` to ``DEFAULT_STEPS``, no longer than ``frequency`` (``None``: one-shot)."""
+    if progressive.steps is not None:
+        return progressive
+    steps = DEFAULT_STEPS if frequency is None else min(DEFAULT_STEPS, frequency)
+    return Progressive(steps=steps, kind=progressive.kind)
 
 
 def plan_fade(

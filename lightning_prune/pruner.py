@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.options import PruningOptions
-from lightning_prune.progressive import interval_mask, plan_fade
+from lightning_prune.progressive import interval_mask, plan_fade, resolve_steps
 from lightning_prune.schedules import Schedule
 from lightning_prune.targets import Target, select_targets
 from lightning_prune.thresholds import LayerGroups, select_groups
@@ -121,6 +121,10 @@ class Pruner:
         #: Steps whose gradients reached the criterion (gradient criteria need at least one).
         self.gradient_steps = 0
         progressive = self.options.progressive
+        if progressive is not None:
+            progressive = resolve_steps(progressive, None if schedule.one_shot else schedule.frequency)
+        #: The fade settings in force, with the default length resolved against the schedule.
+        self.progressive = progressive
         if progressive is not None and not schedule.one_shot and progressive.steps > schedule.frequency:
             raise ValueError(
                 f"progressive steps={progressive.steps} is more than frequency={schedule.frequency}: a fade "
@@ -275,7 +279,7 @@ class Pruner:
             self.options.min_sparsity_per_layer,
             self.options.max_sparsity_per_layer,
         )
-        progressive = self.options.progressive
+        progressive = self.progressive
         keeps = [
             ~pattern.pruned_elements(pruned.view(group_shape), score)
             for (score, group_shape), pruned in zip(scores, selected, strict=True)

@@ -355,7 +355,7 @@ def test_pruner_refuses_steps_above_frequency() -> None:
     ("kwargs", "message"),
     [
         ({"progressive": Progressive(steps=6), "frequency": 5}, r"steps=6.*frequency=5"),
-        ({"progressive": True}, r"steps=4.*frequency=1"),  # default frequency: 20 // 20 = 1
+        ({"progressive": Progressive(steps=4)}, r"steps=4.*frequency=1"),  # default frequency: 20 // 20 = 1
     ],
 )
 def test_callback_refuses_steps_above_frequency_at_fit_start(kwargs: dict[str, object], message: str) -> None:
@@ -466,3 +466,15 @@ def test_resume_from_mid_fade_checkpoint_matches_uninterrupted_run(tmp_path: Pat
     ):
         assert torch.equal(a, b), name
     assert zero_fraction(pruned_weights(resumed)) == pytest.approx(0.8, abs=4 / 1536)
+
+
+def test_default_fade_length_shortens_to_the_frequency() -> None:
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4))
+    options = PruningOptions(target_sparsity=0.5, pattern="4x1", progressive=True)
+    assert Pruner(
+        model, Schedule(start_step=0, end_step=12, frequency=2), options
+    ).progressive == Progressive(2)
+    assert Pruner(
+        model, Schedule(start_step=0, end_step=40, frequency=10), options
+    ).progressive == Progressive(4)
+    assert Pruner(model, Schedule(start_step=5, end_step=5), options).progressive == Progressive(4)

@@ -1,0 +1,64 @@
+"""Prune the digits model from a Hydra config tree (``conf/``); each run appends one row to results.csv.
+
+    python examples/hydra_train.py pruning=snip_momentum_2of4 pruning.target_sparsity=0.5 trainer.max_epochs=3
+    python examples/hydra_train.py -m pruning.target_sparsity=0.5,0.8,0.9
+
+A single run writes ``results.csv`` in its output directory; a multirun sweep writes one row per run
+to ``results.csv`` in the sweep directory. Needs ``pip install lightning_prune[hydra]``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_prune import PruningCallback
+from lightning_prune.demo import DigitsClassifier, DigitsDataModule
+
+FIELDS = ["pattern", "criterion", "target_sparsity", "sparsity", "val_acc", "overrides"]
+
+
+def results_file() -> Path:
+    hydra_config = HydraConfig.get()
+    folder = (
+        hydra_config.sweep.dir if hydra_config.mode == RunMode.MULTIRUN else hydra_config.runtime.output_dir
+    )
+    return Path(folder) / "results.csv"
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Train, prune and append this run's row; returns the validation accuracy (for sweepers)."""
+    pl.seed_everything(cfg.seed, verbose=False)
+    pruning = PruningCallback.from_config(cfg.pruning)
+    trainer = pl.Trainer(callbacks=[pruning], **OmegaConf.to_container(cfg.trainer))  # type: ignore[arg-type]
+    trainer.fit(DigitsClassifier(**cfg.model), DigitsDataModule(seed=cfg.seed, **cfg.data))
+    assert pruning.pruner is not None
+    weights = [t.param.detach() for t in pruning.pruner.targets]
+    row = {
+        "pattern": str(pruning.options.pattern),
+        "criterion": pruning.options.criterion.name,
+        "target_sparsity": pruning.options.target_sparsity,
+        "sparsity": round(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights), 4),
+        "val_acc": round(float(trainer.callback_metrics["val_acc"]), 4),
+        "overrides": " ".join(HydraConfig.get().overrides.task),
+    }
+    path = results_file()
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    print(row)
+    return row["val_acc"]
+
+
+if __name__ == "__main__":
+    main()

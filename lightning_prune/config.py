@@ -1,0 +1,81 @@
+"""Structured configs: the callback's arguments as a dataclass that OmegaConf and Hydra type-check.
+
+``PruningConfig`` mirrors :class:`~lightning_prune.PruningCallback`'s signature (a test keeps the
+two in step); :meth:`PruningCallback.from_config` takes it, a dict or a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_prune.targets import DEFAULT_OP_TYPES
+
+
+# OmegaConf reads the annotations at run time and does not understand `X | Y`: keep typing's forms.
+@dataclass
+class PruningConfig:
+    """Every :class:`~lightning_prune.PruningCallback` argument, typed for OmegaConf; see its docs."""
+
+    target_sparsity: float = 0.9
+    pattern: str = "4x1"
+    criterion: str = "magnitude"
+    start_step: Union[int, float] | None = None  # noqa: UP007
+    end_step: Union[int, float] | None = None  # noqa: UP007
+    frequency: int | None = None
+    sparsity_curve: str = "exp"
+    scope: str = "global"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    op_types: list[str] = field(default_factory=lambda: list(DEFAULT_OP_TYPES))
+    skip_last_layer: bool = True
+    min_sparsity_per_layer: float = 0.0
+    max_sparsity_per_layer: float = 0.98
+    progressive: bool = False
+    regularizer: str | None = None
+    regularizer_coeff: float | None = None
+    verbose: bool = True
+
+
+_PLAIN = (str, int, float, bool, list, tuple, type(None))
+
+
+def config_to_kwargs(config: PruningConfig | Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """Check ``config`` against :class:`PruningConfig` and return callback keyword arguments.
+
+    Values that are strategy objects (a ``Pattern``, ``Criterion``, ...) pass through unchecked here;
+    the callback checks them.
+
+    Raises:
+        ValueError: on unknown keys (all named) or a value of the wrong type (key and value named).
+    """
+    if isinstance(config, DictConfig):
+        data = OmegaConf.to_container(config, resolve=True)
+    elif is_dataclass(config) and not isinstance(config, type):
+        data = asdict(config)
+    elif isinstance(config, Mapping):
+        data = dict(config)
+    else:
+        raise ValueError(
+            f"a pruning config must be a PruningConfig, a dict or a DictConfig, got {type(config).__name__}"
+        )
+    assert isinstance(data, dict)
+    accepted = [f.name for f in fields(PruningConfig)]
+    unknown = sorted(set(data) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown pruning config key(s) {unknown}; accepted keys: {accepted}")
+    plain = {k: v for k, v in data.items() if isinstance(v, _PLAIN)}
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(PruningConfig), plain)
+    except OmegaConfBaseException as error:
+        raise ValueError(
+            f"pruning config: {error}".splitlines()[0] + f" ({error.full_key}={error.value!r})"
+        ) from error
+    kwargs = OmegaConf.to_container(typed)
+    assert isinstance(kwargs, dict)
+    kwargs.update({k: v for k, v in data.items() if k not in plain})
+    return kwargs
