@@ -78,7 +78,7 @@ class PruningCallback(Callback):
         min_sparsity_per_layer: least sparsity of any targeted layer (global scope).
         max_sparsity_per_layer: most sparsity of any targeted layer.
         progressive: for structured patterns, zero newly pruned groups gradually over the next
-            steps instead of at once: ``True`` (4 steps, lowest scores first) or a
+            steps instead of at once: ``True`` (4 steps, or ``frequency`` if fewer; lowest scores first) or a
             ``Progressive(steps=..., kind="scores" | "linear")``.
         regularizer: ``"group_lasso"`` shrinks the pattern's groups toward zero after each optimizer
             step up to ``end_step``, or a ``Regularizer`` object; ``None`` for none.
