@@ -204,14 +204,19 @@ class PruningCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if self.pruner is None or not self.options.criterion.needs_gradients:
-            return
-        # A GradScaler skips the step if any of the optimizer's gradients is not finite, pruned or not.
+        if self.pruner is None or not self.options.criterion.needs_gradients or self.pruner.finished:
+            return  # nothing to score (magnitude), or no event left to use the scores
+        # A GradScaler skips the step if any of the optimizer's gradients is not finite, pruned or not;
+        # the targets' own gradients are checked by the Pruner, so only the others are added here.
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            grads = [
-                p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+            targets = {id(t.param) for t in self.pruner.targets}
+            others = [
+                p.grad
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None and id(p) not in targets
             ]
-            self.pruner.accumulate_scores(also_check=grads)
+            self.pruner.accumulate_scores(also_check=others)
         else:
             self.pruner.accumulate_scores()
 
