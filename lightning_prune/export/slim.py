@@ -1,0 +1,635 @@
+"""slim: remove pruned hidden units, channels and heads, for a smaller dense model with the same outputs.
+
+The rules (see ``docs/export.md``): in a chain ``producer -> per-channel ops -> consumer`` found by
+tracing, hidden unit ``j`` goes when
+
+- the consumer's input slice ``j`` is all zero (the unit is multiplied by zero whatever it emits), or
+- the producer's row/filter ``j`` is all zero, so the unit emits the same value ``k_j`` for every
+  input (``act(bias_j)``, through BatchNorm's running statistics for convolutions). ``k_j == 0``
+  needs nothing more; otherwise ``k_j * W2[:, j]`` is folded into the consumer's bias, which is exact
+  for a Linear consumer and for a convolution without zero padding (zero padding turns a constant
+  channel into a non-constant one at the borders, so such units are kept and reported).
+
+A head of ``nn.MultiheadAttention`` goes when its ``out_proj`` columns are all zero, or its value
+rows are (its value bias, the same for every key, then adds ``out_proj`` times it to every output, and
+that is folded into ``out_proj``'s bias).
+
+Equality holds in eval mode (BatchNorm running statistics, no dropout); it is checked on
+``example_inputs`` before the model is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from lightning_prune.export.attention import SlimMultiheadAttention
+from lightning_prune.export.chains import CONVS, LINEAR, NORMS, Chain, GraphFindings, find_chains, trace
+
+#: Largest allowed difference between the original's and the slim model's outputs, relative to
+#: ``1 + max |original output|``: summation order changes with the hidden size.
+CHECK_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
+}
+
+
+@dataclass(frozen=True)
+class SlimmedChain:
+    """What slim did to one chain (or one attention module).
+
+    Args:
+        kind: ``"linear"``, ``"conv"`` or ``"attention"``.
+        layers: qualified names: producer, BatchNorms, consumer; or the attention module.
+        before: hidden units (channels, heads) before.
+        after: after.
+        folded: removed units whose constant output was folded into the next layer's bias.
+        params_before: parameters of ``layers`` before.
+        params_after: after.
+        note: units that look removable but were kept, and why.
+    """
+
+    kind: str
+    layers: tuple[str, ...]
+    before: int
+    after: int
+    folded: int
+    params_before: int
+    params_after: int
+    note: str = ""
+
+    @property
+    def unit(self) -> str:
+        """What is counted: hidden units, channels or heads."""
+        return {"linear": "units", "conv": "channels", "attention": "heads"}[self.kind]
+
+
+@dataclass
+class SlimResult:
+    """The smaller model and what was done to get it.
+
+    Args:
+        model: a new model (the input is not modified): the same class, with resized layers.
+        chains: every chain found, in graph order, shrunk or not.
+        skipped: layers with zero rows/columns/heads that were left as they are, with the reason.
+        params_before: parameters of the input model.
+        params_after: parameters of ``model``.
+        max_abs_diff: largest difference between the outputs of the input and of ``model`` on the
+            example inputs (eval mode); ``None`` when not checked.
+    """
+
+    model: nn.Module
+    chains: list[SlimmedChain] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    max_abs_diff: float | None = None
+
+    @property
+    def changed(self) -> bool:
+        """Whether any layer was made smaller."""
+        return any(c.after < c.before for c in self.chains)
+
+    def __str__(self) -> str:
+        ratio = self.params_after / self.params_before if self.params_before else 1.0
+        lines = [f"slim: parameters {self.params_before:,} -> {self.params_after:,} ({ratio:.1%})"]
+        if self.max_abs_diff is not None:
+            lines[0] += f", max abs output difference {self.max_abs_diff:.3g}"
+        if not self.changed:
+            lines.append("nothing to remove: the model is an unchanged copy")
+        for chain in self.chains:
+            path = " -> ".join(chain.layers)
+            sizes = f"{chain.before} -> {chain.after} {chain.unit}"
+            folded = f", {chain.folded} folded into a bias" if chain.folded else ""
+            params = f"params {chain.params_before:,} -> {chain.params_after:,}"
+            lines.append(f"  {chain.kind:9} {path}: {sizes}{folded}; {params}")
+            if chain.note:
+                lines.append(f"            note: {chain.note}")
+        if self.skipped:
+            lines.append("left untouched:")
+            lines.extend(f"  {name}: {reason}" for name, reason in self.skipped.items())
+        return "\n".join(lines)
+
+
+def slim(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    round_to: int = 1,
+    check: bool = True,
+) -> SlimResult:
+    """Physically remove pruned hidden units, channels and attention heads; return a smaller copy.
+
+    Chains are found by tracing ``model`` with ``torch.fx``: ``Linear -> elementwise ops ->
+    Linear`` (FFN/MLP blocks), ``ConvNd -> BatchNormNd/elementwise ops -> ConvNd`` and
+    ``nn.MultiheadAttention`` whose attention weights are unused. The returned model is a deep copy
+    of ``model``, same class and forward, with those layers replaced by smaller ones (attention by
+    :class:`~lightning_prune.export.SlimMultiheadAttention`). Layers with zero structure that cannot
+    be proven safe to shrink are left alone and listed in :attr:`SlimResult.skipped`.
+
+    Args:
+        model: the pruned network (its forward must be traceable by ``torch.fx``).
+        example_inputs: positional inputs for ``model``, as ``torch.export`` takes them: ``(x,)``.
+        round_to: keep a multiple of this many units per chain (8 or 64 suit tensor cores); the
+            extra units are the removable ones with the largest weights. For attention, the kept
+            inner width ``heads * head_dim`` is rounded.
+        check: run both models on ``example_inputs`` in eval mode and raise if the outputs differ
+            by more than float rounding (see :data:`CHECK_TOLERANCE`).
+
+    Returns:
+        :class:`SlimResult` with the new model (in the train/eval mode the input was in) and a
+        report; ``print(result)`` shows it.
+
+    Raises:
+        ValueError: on a bad argument, before any work.
+        RuntimeError: when the forward cannot be traced, or (a bug) the outputs differ.
+
+    Example::
+
+        >>> result = slim(model, (torch.randn(8, 512),), round_to=8)
+        >>> print(result)
+        >>> small = result.model
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__} must be a torch.nn.Module")
+    if not isinstance(example_inputs, tuple | list):
+        raise ValueError(
+            f"example_inputs={type(example_inputs).__name__} must be a tuple of positional inputs, "
+            "e.g. (x,) for model(x)"
+        )
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to={round_to!r} must be an int >= 1 (e.g. 8 for tensor cores)")
+    if not isinstance(check, bool):
+        raise ValueError(f"check={check!r} must be True or False")
+    inputs = tuple(example_inputs)
+    slimmed = copy.deepcopy(model)
+    modes = {name: module.training for name, module in slimmed.named_modules()}
+    slimmed.eval()
+    with torch.no_grad():
+        reference = slimmed(*inputs) if check else None
+    findings = find_chains(slimmed, trace(slimmed))
+    params_before = _count(slimmed.parameters())
+    result = SlimResult(slimmed, params_before=params_before)
+    with torch.no_grad():
+        for chain in findings.chains:
+            result.chains.append(_shrink_chain(slimmed, chain, round_to))
+        for name in findings.attention:
+            result.chains.append(_shrink_attention(slimmed, name, round_to))
+    result.skipped = _untouched(slimmed, findings, result.chains)
+    result.params_after = _count(slimmed.parameters())
+    if check:
+        with torch.no_grad():
+            result.max_abs_diff = _compare(reference, slimmed(*inputs))
+    for name, module in slimmed.named_modules():
+        module.training = modes.get(name, module.training)
+    return result
+
+
+def _count(params: Any) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
+
+
+def _zero_slices(weight: Tensor, dim: int) -> Tensor:
+    """Bool per index of ``dim``: whether that whole slice of ``weight`` is zero."""
+    return weight.transpose(0, dim).reshape(weight.shape[dim], -1).eq(0).all(dim=1)
+
+
+def _round_keep(keep: Tensor, score: Tensor, round_to: int, width: int = 1) -> Tensor:
+    """Add back removable units (largest ``score`` first) until ``count * width`` is a multiple of ``round_to``.
+
+    At least one unit is always kept, so no layer gets a zero-sized dimension.
+    """
+    total = keep.numel()
+    target = max(1, int(keep.sum()))
+    while target < total and (target * width) % round_to:
+        target += 1
+    extra = target - int(keep.sum())
+    if extra <= 0:
+        return keep
+    candidates = (~keep).nonzero().squeeze(1)
+    order = torch.argsort(-score[candidates], stable=True)
+    keep = keep.clone()
+    keep[candidates[order[:extra]]] = True
+    return keep
+
+
+def _run_between(root: nn.Module, chain: Chain, values: Tensor, ndim: int) -> Tensor:
+    """The chain's in-between ops applied to one constant per unit: what a constant unit emits."""
+    hidden = values.numel()
+    shape = (1, hidden) if chain.kind == "linear" else (1, hidden, *([1] * (ndim - 2)))
+    current = values.reshape(shape)
+    for node in chain.between:
+        value = current
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda _, value=value: value)
+        if node.op == "call_module":
+            current = root.get_submodule(str(node.target))(*args, **kwargs)
+        elif node.op == "call_function":
+            current = node.target(*args, **kwargs)  # type: ignore[operator]
+        else:
+            current = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    return current.reshape(hidden)
+
+
+def _constant_input_is_exact(layer: nn.Module) -> bool:
+    """Whether a constant input channel of ``layer`` adds the same amount at every output position."""
+    if isinstance(layer, nn.Linear):
+        return True
+    if layer.padding_mode != "zeros":  # reflect/replicate/circular padding of a constant is constant
+        return True
+    if isinstance(layer.padding, str):
+        return layer.padding == "valid" or all(
+            d * (k - 1) == 0 for d, k in zip(layer.dilation, layer.kernel_size, strict=True)
+        )
+    return all(p == 0 for p in layer.padding)
+
+
+def _resized(
+    layer: nn.Module, out_index: Tensor | None, in_index: Tensor | None, extra_bias: Tensor | None
+) -> nn.Module:
+    """A new Linear/ConvNd holding the selected output rows and input columns of ``layer``."""
+    weight = layer.weight.detach()
+    bias = None if layer.bias is None else layer.bias.detach()
+    if out_index is not None:
+        weight = weight.index_select(0, out_index)
+        bias = None if bias is None else bias.index_select(0, out_index)
+    if in_index is not None:
+        weight = weight.index_select(1, in_index)
+    if extra_bias is not None:
+        base = torch.zeros_like(extra_bias) if bias is None else bias.double()
+        bias = (base + extra_bias).to(weight.dtype)
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    if isinstance(layer, nn.Linear):
+        new: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **factory)
+    else:
+        new = type(layer)(
+            weight.shape[1],
+            weight.shape[0],
+            kernel_size=layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=1,
+            bias=bias is not None,
+            padding_mode=layer.padding_mode,
+            **factory,
+        )
+    new.weight.copy_(weight)
+    new.weight.requires_grad_(layer.weight.requires_grad)
+    if bias is not None:
+        new.bias.copy_(bias)
+        new.bias.requires_grad_(
+            layer.weight.requires_grad if layer.bias is None else layer.bias.requires_grad
+        )
+    return new.train(layer.training)
+
+
+def _resized_norm(norm: nn.Module, index: Tensor) -> nn.Module:
+    new = type(norm)(
+        len(index),
+        eps=norm.eps,
+        momentum=norm.momentum,
+        affine=norm.affine,
+        track_running_stats=norm.track_running_stats,
+        device=norm.running_mean.device,
+        dtype=norm.running_mean.dtype,
+    )
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        old = getattr(norm, attr)
+        if old is not None:
+            getattr(new, attr).copy_(old.detach().index_select(0, index))
+            if isinstance(old, nn.Parameter):
+                getattr(new, attr).requires_grad_(old.requires_grad)
+    if norm.num_batches_tracked is not None:
+        new.num_batches_tracked.copy_(norm.num_batches_tracked)
+    return new.train(norm.training)
+
+
+def _shrink_chain(root: nn.Module, chain: Chain, round_to: int) -> SlimmedChain:
+    producer = root.get_submodule(chain.producer)
+    consumer = root.get_submodule(chain.consumer)
+    norms = [root.get_submodule(n) for n in chain.norms]
+    layers = (chain.producer, *chain.norms, chain.consumer)
+    params_before = sum(_count(root.get_submodule(n).parameters()) for n in layers)
+    w1, w2 = producer.weight.detach(), consumer.weight.detach()
+    hidden = w1.shape[0]
+    dead = _zero_slices(w2, 1)  # the consumer ignores these units
+    constant = _zero_slices(w1, 0)  # these units emit the same value for every input
+    bias = (
+        torch.zeros(hidden, dtype=w1.dtype, device=w1.device)
+        if producer.bias is None
+        else producer.bias.detach()
+    )
+    emitted = _run_between(root, chain, torch.where(constant, bias, torch.zeros_like(bias)), w1.dim())
+    silent = constant & emitted.eq(0)
+    exact_fold = _constant_input_is_exact(consumer)
+    foldable = constant & torch.isfinite(emitted) & (silent | exact_fold)
+    keep = ~(dead | foldable)
+    score = w1.double().reshape(hidden, -1).square().sum(1) + w2.double().transpose(0, 1).reshape(
+        hidden, -1
+    ).square().sum(1)
+    if producer.bias is not None:
+        score += bias.double().square()
+    keep = _round_keep(keep, score, round_to)
+    notes = []
+    unfoldable = int((constant & ~foldable & ~dead).sum())
+    if unfoldable:
+        notes.append(
+            f"{unfoldable} constant nonzero {'channels' if chain.kind == 'conv' else 'units'} kept: "
+            f"{chain.consumer} zero-pads its input, so a constant channel is not constant at the borders"
+        )
+    padded = int((keep & (dead | foldable)).sum())
+    if padded:
+        notes.append(f"{padded} removable kept for round_to={round_to}")
+    after = int(keep.sum())
+    fold = foldable & ~keep & ~dead & emitted.ne(0)
+    if after < hidden:
+        index = keep.nonzero().squeeze(1)
+        extra = None
+        if bool(fold.any()):
+            per_unit = w2.double()[:, fold].reshape(w2.shape[0], int(fold.sum()), -1).sum(-1)
+            extra = per_unit @ emitted.double()[fold]
+        _replace(root, chain.producer, _resized(producer, index, None, None))
+        for name, norm in zip(chain.norms, norms, strict=True):
+            _replace(root, name, _resized_norm(norm, index))
+        _replace(root, chain.consumer, _resized(consumer, None, index, extra))
+        if extra is not None and consumer.bias is None:
+            notes.append(f"{chain.consumer} gained a bias for the folded constants")
+    params_after = sum(_count(root.get_submodule(n).parameters()) for n in layers)
+    return SlimmedChain(
+        chain.kind, layers, hidden, after, int(fold.sum()) if after < hidden else 0,
+        params_before, params_after, "; ".join(notes),
+    )  # fmt: skip
+
+
+def _attention_parts(mha: nn.MultiheadAttention) -> tuple[list[Tensor], list[Tensor | None]]:
+    if mha.in_proj_weight is not None:
+        weights = list(mha.in_proj_weight.detach().chunk(3))
+    else:
+        weights = [mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach()]
+    biases: list[Tensor | None] = (
+        [None, None, None] if mha.in_proj_bias is None else list(mha.in_proj_bias.detach().chunk(3))
+    )
+    return weights, biases
+
+
+def _removable_heads(mha: nn.MultiheadAttention) -> tuple[Tensor, Tensor]:
+    """``(out_dead, value_zero)`` per head."""
+    heads, width, embed = mha.num_heads, mha.head_dim, mha.embed_dim
+    out_dead = mha.out_proj.weight.detach().reshape(embed, heads, width).eq(0).all(-1).all(0)
+    (_, _, w_v), _ = _attention_parts(mha)
+    value_zero = w_v.reshape(heads, width, -1).eq(0).all(-1).all(-1)
+    return out_dead, value_zero
+
+
+def _shrink_attention(root: nn.Module, name: str, round_to: int) -> SlimmedChain:
+    mha = root.get_submodule(name)
+    assert isinstance(mha, nn.MultiheadAttention)
+    heads, width, embed = mha.num_heads, mha.head_dim, mha.embed_dim
+    params_before = _count(mha.parameters())
+    (w_q, w_k, w_v), (b_q, b_k, b_v) = _attention_parts(mha)
+    w_o, b_o = mha.out_proj.weight.detach(), mha.out_proj.bias
+    out_dead, value_zero = _removable_heads(mha)
+    keep = ~(out_dead | value_zero)
+    per_head = w_o.double().reshape(embed, heads, width).square().sum((0, 2))
+    score = per_head + w_v.double().reshape(heads, -1).square().sum(1)
+    keep = _round_keep(keep, score, round_to, width)
+    after = int(keep.sum())
+    # A head with zero value rows outputs its value bias whatever the attention: fold it into out_proj.
+    fold = value_zero & ~out_dead & ~keep
+    fold &= torch.zeros_like(fold) if b_v is None else b_v.reshape(heads, width).ne(0).any(-1)
+    if after == heads:
+        return SlimmedChain("attention", (name,), heads, heads, 0, params_before, params_before)
+    kept = keep.nonzero().squeeze(1)
+    rows = (kept[:, None] * width + torch.arange(width, device=kept.device)).flatten()
+    extra = None
+    if bool(fold.any()):
+        assert b_v is not None
+        folded_rows = (
+            fold.nonzero().squeeze(1)[:, None] * width + torch.arange(width, device=kept.device)
+        ).flatten()
+        extra = w_o.double()[:, folded_rows] @ b_v.double()[folded_rows]
+    new = SlimMultiheadAttention(
+        embed,
+        width,
+        kept.tolist(),
+        heads,
+        kdim=mha.kdim,
+        vdim=mha.vdim,
+        in_bias=mha.in_proj_bias is not None,
+        out_bias=b_o is not None or extra is not None,
+        dropout=mha.dropout,
+        batch_first=mha.batch_first,
+        device=w_o.device,
+        dtype=w_o.dtype,
+    )
+    picked = [w.index_select(0, rows) for w in (w_q, w_k, w_v)]
+    if new.in_proj_weight is not None:
+        new.in_proj_weight.copy_(torch.cat(picked))
+    else:
+        new.q_proj_weight.copy_(picked[0])
+        new.k_proj_weight.copy_(picked[1])
+        new.v_proj_weight.copy_(picked[2])
+    if new.in_proj_bias is not None:
+        new.in_proj_bias.copy_(torch.cat([b.index_select(0, rows) for b in (b_q, b_k, b_v)]))  # type: ignore[union-attr]
+    new.out_proj.weight.copy_(w_o.index_select(1, rows))
+    if new.out_proj.bias is not None:
+        base = (
+            torch.zeros(embed, dtype=torch.float64, device=w_o.device)
+            if b_o is None
+            else b_o.detach().double()
+        )
+        new.out_proj.bias.copy_(base + (0 if extra is None else extra))
+    for param in new.parameters():
+        param.requires_grad_(mha.out_proj.weight.requires_grad)
+    _replace(root, name, new.train(mha.training))
+    padded = int((keep & (out_dead | value_zero)).sum())
+    note = f"{padded} removable heads kept for round_to={round_to}" if padded else ""
+    return SlimmedChain(
+        "attention", (name,), heads, after, int(fold.sum()), params_before, _count(new.parameters()), note
+    )
+
+
+def _not_shrunk_reason(root: nn.Module, name: str, findings: GraphFindings, reasons: dict[str, str]) -> str:
+    if name in reasons:
+        return reasons[name]
+    module = root.get_submodule(name)
+    if type(module) not in (*LINEAR, *CONVS, nn.MultiheadAttention):
+        return (
+            f"its type {type(module).__name__} is not exactly nn.Linear, nn.ConvNd or nn.MultiheadAttention"
+        )
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        ancestor = ".".join(parts[:cut])
+        if ancestor in findings.calls:
+            kind = type(root.get_submodule(ancestor)).__name__
+            return f"it runs inside {ancestor} ({kind}), which torch.fx traces as one opaque call"
+    return "the traced forward does not call it"
+
+
+def _untouched(root: nn.Module, findings: GraphFindings, chains: list[SlimmedChain]) -> dict[str, str]:
+    """Layers with zero rows, columns or heads that slim left as they are, with why."""
+    producers = {c.layers[0] for c in chains}
+    consumers = {c.layers[-1] for c in chains}
+    skipped: dict[str, str] = {}
+    attention = [
+        n for n, m in root.named_modules() if isinstance(m, nn.MultiheadAttention | SlimMultiheadAttention)
+    ]
+    for name, module in root.named_modules():
+        if any(name.startswith(f"{a}.") for a in attention):
+            continue  # out_proj belongs to its attention module
+        if isinstance(module, nn.MultiheadAttention) and name not in producers:
+            out_dead, value_zero = _removable_heads(module)
+            count = int((out_dead | value_zero).sum())
+            if count:
+                reason = _not_shrunk_reason(root, name, findings, findings.output_reasons)
+                skipped[name] = f"{count} of {module.num_heads} heads are zero but kept: {reason}"
+        elif isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            weight = module.weight.detach()
+            parts = []
+            rows = int(_zero_slices(weight, 0).sum())
+            if rows and name not in producers:
+                reason = _not_shrunk_reason(root, name, findings, findings.output_reasons)
+                parts.append(f"{rows} of {weight.shape[0]} output units are zero but kept: {reason}")
+            columns = int(_zero_slices(weight, 1).sum())
+            if columns and name not in consumers:
+                reason = _not_shrunk_reason(root, name, findings, findings.input_reasons)
+                parts.append(f"{columns} of {weight.shape[1]} input units are zero but kept: {reason}")
+            if parts:
+                skipped[name] = "; ".join(parts)
+    return skipped
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, tuple | list):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):
+        return [leaf for key in value for leaf in _leaves(value[key])]
+    return [value]
+
+
+def _compare(reference: Any, output: Any) -> float:
+    """Largest difference between two model outputs; raises when they differ beyond rounding."""
+    expected, actual = _leaves(reference), _leaves(output)
+    if len(expected) != len(actual):
+        raise RuntimeError(
+            f"slim changed the model's output structure ({len(expected)} -> {len(actual)} values)"
+        )
+    worst = 0.0
+    for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
+        if not isinstance(want, Tensor):
+            if want != got:
+                raise RuntimeError(f"slim changed output value {index}: {want!r} -> {got!r}")
+            continue
+        if not isinstance(got, Tensor) or got.shape != want.shape:
+            shape = getattr(got, "shape", type(got).__name__)
+            raise RuntimeError(
+                f"slim changed the shape of output {index}: {tuple(want.shape)} -> {shape}; the forward "
+                "probably reads a layer's size (e.g. fc1.out_features); please report this model"
+            )
+        if not want.is_floating_point():
+            if not torch.equal(want, got):
+                raise RuntimeError(f"slim changed output {index} (dtype {want.dtype})")
+            continue
+        finite = torch.isfinite(want)
+        if not torch.equal(finite, torch.isfinite(got)):
+            raise RuntimeError(f"slim changed which values of output {index} are finite")
+        if not bool(finite.any()):
+            continue
+        diff = float((want[finite].double() - got[finite].double()).abs().max())
+        scale = float(want[finite].double().abs().max())
+        tolerance = CHECK_TOLERANCE.get(want.dtype, 1e-4) * (1.0 + scale)
+        if diff > tolerance:
+            raise RuntimeError(
+                f"slim changed output {index} by up to {diff:.3g} (tolerance {tolerance:.3g}); this is a bug "
+                "or a construct slim does not understand: please report it. check=False returns the model "
+                "anyway"
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+def load_slim_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
+    """Resize a fresh instance of the original architecture to fit a slim state dict, and load it.
+
+    ``slim(...).model.state_dict()`` has the original's keys with smaller shapes (plus
+    ``kept_heads`` for attention with heads removed, and a bias where constants were folded into a
+    layer that had none). This replaces every Linear, ConvNd, BatchNormNd and MultiheadAttention of
+    ``model`` whose shapes differ by one of the right size, then loads with ``strict=True``.
+
+    Args:
+        model: a new instance of the model class that was slimmed (modified in place).
+        state_dict: the slim model's state dict.
+
+    Returns:
+        ``model``, resized and loaded.
+
+    Raises:
+        ValueError: when ``model`` is not a module or ``state_dict`` not a mapping.
+        RuntimeError: from ``load_state_dict`` when keys still do not match.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__} must be a torch.nn.Module")
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"state_dict={type(state_dict).__name__} must be a dict of tensors")
+    replaced: list[str] = []
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(f"{r}.") for r in replaced):
+            continue
+        prefix = f"{name}." if name else ""
+        new = _fit(module, prefix, state_dict)
+        if new is not None:
+            _replace(model, name, new)
+            replaced.append(name)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _fit(module: nn.Module, prefix: str, state: dict[str, Tensor]) -> nn.Module | None:
+    """A module shaped like ``state``'s entries under ``prefix``, or ``None`` when ``module`` fits."""
+    if isinstance(module, nn.MultiheadAttention) and f"{prefix}kept_heads" in state:
+        kept = state[f"{prefix}kept_heads"].tolist()
+        out_bias = f"{prefix}out_proj.bias" in state
+        weight = state[f"{prefix}out_proj.weight"]
+        return SlimMultiheadAttention(
+            module.embed_dim, module.head_dim, kept, module.num_heads, kdim=module.kdim, vdim=module.vdim,
+            in_bias=f"{prefix}in_proj_bias" in state, out_bias=out_bias, dropout=module.dropout,
+            batch_first=module.batch_first, device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+    if type(module) in (*LINEAR, *CONVS) and f"{prefix}weight" in state:
+        weight = state[f"{prefix}weight"]
+        has_bias = f"{prefix}bias" in state
+        if weight.shape == module.weight.shape and has_bias == (module.bias is not None):
+            return None
+        with torch.no_grad():
+            return _resized_empty(module, weight, has_bias)
+    if type(module) in NORMS.values() and f"{prefix}running_mean" in state:
+        size = state[f"{prefix}running_mean"].shape[0]
+        if size == module.num_features:
+            return None
+        index = torch.zeros(size, dtype=torch.long, device=module.running_mean.device)
+        with torch.no_grad():
+            return _resized_norm(module, index)
+    return None
+
+
+def _resized_empty(module: nn.Module, weight: Tensor, has_bias: bool) -> nn.Module:
+    """A layer like ``module`` with ``weight``'s shape (values are loaded afterwards)."""
+    out_size, in_size = weight.shape[0], weight.shape[1]
+    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    if isinstance(module, nn.Linear):
+        return nn.Linear(in_size, out_size, bias=has_bias, **factory)
+    return type(module)(
+        in_size, out_size, kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+        dilation=module.dilation, groups=1, bias=has_bias, padding_mode=module.padding_mode, **factory,
+    )  # fmt: skip
