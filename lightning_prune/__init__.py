@@ -12,11 +12,13 @@ from lightning_prune.criteria import (
     SnipMomentumCriterion,
     register_criterion,
 )
+from lightning_prune.history import PruningHistory
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import BlockPattern, ChannelPattern, NMPattern, Pattern, UnstructuredPattern
 from lightning_prune.progressive import Progressive
 from lightning_prune.pruner import Pruner, PruningEvent
 from lightning_prune.regularizers import GroupLasso, Regularizer
+from lightning_prune.report import LayerSparsity, SparsityReport, sparsity_report
 from lightning_prune.schedules import Schedule
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "Criterion",
     "GradientCriterion",
     "GroupLasso",
+    "LayerSparsity",
     "MagnitudeCriterion",
     "MovementCriterion",
     "NMPattern",
@@ -35,11 +38,14 @@ __all__ = [
     "PruningCallback",
     "PruningConfig",
     "PruningEvent",
+    "PruningHistory",
     "PruningOptions",
     "Regularizer",
     "Schedule",
     "SnipCriterion",
     "SnipMomentumCriterion",
+    "SparsityReport",
     "UnstructuredPattern",
     "register_criterion",
+    "sparsity_report",
 ]

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig
 from torch.optim import Optimizer
 
 from lightning_prune.config import PruningConfig, config_to_kwargs
 from lightning_prune.criteria import Criterion
+from lightning_prune.files import write_atomically
+from lightning_prune.history import EVENT, VALIDATION, PruningHistory
 from lightning_prune.init_scoring import score_at_init
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import Pattern
+from lightning_prune.plots import curve_figure, figure_png, figure_rgb
 from lightning_prune.progressive import Progressive
 from lightning_prune.pruner import Pruner, PruningEvent
 from lightning_prune.regularizers import Regularizer
+from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.schedules import check_curve, check_step_spec, is_known_length, resolve_schedule
 from lightning_prune.targets import DEFAULT_OP_TYPES
 
@@ -40,6 +48,27 @@ def check_strategy(strategy: Strategy) -> None:
             "(FSDP, DeepSpeed, model parallel) are not pruned correctly yet. Supported: single device "
             "and DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook')"
         )
+
+
+def _check_monitor(monitor: object) -> tuple[str, ...] | None:
+    if monitor is None:
+        return None
+    names = [monitor] if isinstance(monitor, str) else monitor
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"monitor={monitor!r} must be a metric name, a list of metric names, or null for every "
+            "metric logged during validation"
+        )
+    return tuple(names)
+
+
+def _validation_metric_names(trainer: pl.Trainer) -> list[str]:
+    """Names the model logged in the validation run that just ended, as ``callback_metrics`` keys."""
+    # Lightning keeps no public list of which metrics came from validation; the running loop's
+    # result collection has it. tests/test_reporting.py guards this against Lightning changes.
+    results = trainer._results
+    names = dict.fromkeys(result.meta.name for result in (results.values() if results is not None else []))
+    return [name for name in names if name in trainer.callback_metrics]
 
 
 class PruningCallback(Callback):
@@ -83,7 +112,13 @@ class PruningCallback(Callback):
         regularizer: ``"group_lasso"`` shrinks the pattern's groups toward zero after each optimizer
             step up to ``end_step``, or a ``Regularizer`` object; ``None`` for none.
         regularizer_coeff: strength of a regularizer given by name (default ``1e-4``).
-        verbose: print what is pruned at the start of fit.
+        monitor: metrics to pair with the sparsity at every validation run, by the name they are
+            logged under (``"val_acc"``, or a list); ``None`` takes every metric logged during
+            validation, ``[]`` none. A name that is not logged fails at the sanity check.
+        save_report: at the end of fit, write ``pruning/curve.csv``, ``pruning/curve.png`` and
+            ``pruning/layers.csv`` under ``trainer.log_dir`` (rank 0) and add the figure to any
+            ``TensorBoardLogger``.
+        verbose: print what is pruned at the start of fit and the per-layer table at the end.
 
     Example::
 
@@ -111,6 +146,8 @@ class PruningCallback(Callback):
         progressive: bool | Progressive = False,
         regularizer: str | Regularizer | None = None,
         regularizer_coeff: float | None = None,
+        monitor: str | list[str] | None = None,
+        save_report: bool = True,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -140,9 +177,14 @@ class PruningCallback(Callback):
             raise ValueError(f"frequency={frequency!r} must be an int >= 1 or null (about 20 events)")
         self.frequency = frequency
         self.sparsity_curve = check_curve(sparsity_curve)
-        if not isinstance(verbose, bool):
-            raise ValueError(f"verbose={verbose!r} must be true or false")
+        self.monitor = _check_monitor(monitor)
+        for key, value in (("save_report", save_report), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key}={value!r} must be true or false")
+        self.save_report = save_report
         self.verbose = verbose
+        #: Sparsity, target and monitored metrics at every event and validation run (kept on resume).
+        self.history = PruningHistory()
         #: The engine, built at the start of fit; ``None`` before.
         self.pruner: Pruner | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -229,18 +271,115 @@ class PruningCallback(Callback):
             self._log_event(trainer, pl_module, event)
         self._logged_events = len(self.pruner.events)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruner is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        available = trainer.callback_metrics
+        missing = [name for name in self.monitor or () if name not in available]
+        if missing and trainer.sanity_checking:
+            # Training metrics are not logged yet at the sanity check, so a typo only warns here.
+            rank_zero_warn(
+                f"monitor={list(self.monitor or ())!r}: {missing} not logged in the sanity check's "
+                f"validation (logged: {sorted(available)}); unless they are training metrics, "
+                "fit fails at the first validation"
+            )
+        elif missing:
+            raise ValueError(
+                f"monitor={list(self.monitor or ())!r}: {missing} not among the logged metrics "
+                f"{sorted(available)}; log them with self.log, or change monitor"
+            )
+        if trainer.sanity_checking:
+            return  # the values of an untrained model's sanity check are not history
+        names = _validation_metric_names(trainer) if self.monitor is None else self.monitor
+        metrics = {}
+        for name in names:
+            value = available[name]
+            if name.startswith("pruning/") or name == "sparsity" or value.numel() != 1:
+                continue
+            metrics[name] = float(value)
+        sparsity, _ = self.pruner.weight_sparsity()
+        target = self.pruner.events[-1].target_sparsity if self.pruner.events else 0.0
+        self.history.add(
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            source=VALIDATION,
+            sparsity=sparsity,
+            target_sparsity=target,
+            metrics=metrics,
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {"pruning/sparsity": sparsity, "pruning/target_sparsity": target}, step=trainer.global_step
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruner is None:
+            return
+        report = self.layer_report(pl_module)
+        if self.verbose:
+            rank_zero_info(f"\n{report}")
+        if not self.save_report:
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "pruning"  # log_dir: every rank
+        if not trainer.is_global_zero:
+            return
+        self.history.to_csv(str(folder / "curve.csv"))
+        report.to_csv(str(folder / "layers.csv"))
+        figure = curve_figure(self.history, title=f"{type(pl_module).__name__}: {self._summary()}")
+        write_atomically(folder / "curve.png", figure_png(figure))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(
+                    "pruning/curve", figure_rgb(figure), global_step=trainer.global_step, dataformats="HWC"
+                )
+                logger.experiment.flush()
+        rank_zero_info(f"lightning_prune: wrote curve.csv, curve.png and layers.csv to {folder}")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.pruner is not None:
             self.pruner.detach()
 
+    def layer_report(self, model: pl.LightningModule) -> SparsityReport:
+        """:func:`~lightning_prune.sparsity_report` of ``model``'s ``op_types`` layers, with the pattern
+        of each targeted layer and why any other is dense (zeros counted from the weights)."""
+        if self.pruner is None:
+            raise RuntimeError("layer_report needs the pruner, which is built at the start of fit")
+        targeted = {t.name for t in self.pruner.targets}
+        report = sparsity_report(model, op_types=self.options.op_types)
+        layers = []
+        for layer in report.layers:
+            if layer.name in targeted:
+                pattern = str(self.options.pattern)
+            elif layer.name in self.pruner.skipped:
+                pattern = "dense (pattern does not tile)"
+            else:
+                pattern = "dense (not selected)"
+            layers.append(replace(layer, pattern=pattern))
+        return SparsityReport(tuple(layers))
+
     # ------------------------------------------------------------------ reporting
     def _log_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: PruningEvent) -> None:
-        metrics = {"pruning/sparsity": event.sparsity, "pruning/target_sparsity": event.target_sparsity}
-        metrics.update({f"pruning/sparsity/{name}": value for name, value in event.layer_sparsity.items()})
+        # Zeros in the weights: under a progressive fade they reach the event's masks step by step.
+        sparsity, layers = self.pruner.weight_sparsity()  # type: ignore[union-attr]
+        self.history.add(
+            step=event.step,
+            epoch=trainer.current_epoch,
+            source=EVENT,
+            sparsity=sparsity,
+            target_sparsity=event.target_sparsity,
+        )
+        metrics = {"pruning/sparsity": sparsity, "pruning/target_sparsity": event.target_sparsity}
+        metrics.update({f"pruning/sparsity/{name}": value for name, value in layers.items()})
         # Straight to the loggers: self.log would drop events that miss `log_every_n_steps`.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=event.step)
-        pl_module.log("sparsity", event.sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        pl_module.log("sparsity", sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def _summary(self) -> str:
+        return (
+            f"{self.options.target_sparsity:.0%} {str(self.options.pattern)!r}, "
+            f"{self.options.criterion.name}, {self.sparsity_curve} curve"
+        )
 
     def _describe(self, pruner: Pruner) -> None:
         schedule = pruner.schedule
@@ -259,12 +398,14 @@ class PruningCallback(Callback):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         if self.pruner is not None:
-            return self.pruner.state_dict()
-        return dict(self._pending_state or {})
+            return {**self.pruner.state_dict(), "history": self.history.state_dict()}
+        return dict(self._pending_state or {}, history=self.history.state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
+        state_dict = dict(state_dict)
+        self.history.load_state_dict(state_dict.pop("history", []))
+        if "masks" not in state_dict:
+            return  # saved before the pruner was built: nothing to restore but the history
         if self.pruner is not None:
             self.pruner.load_state_dict(state_dict)
             self._logged_events = len(self.pruner.events)

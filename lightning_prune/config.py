@@ -38,6 +38,9 @@ class PruningConfig:
     progressive: bool = False
     regularizer: str | None = None
     regularizer_coeff: float | None = None
+    # OmegaConf has no unions with containers: a name or a list of names, checked by the callback.
+    monitor: Any = None
+    save_report: bool = True
     verbose: bool = True
 
 

@@ -13,13 +13,14 @@ Use it from a plain PyTorch loop::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -31,6 +32,8 @@ from lightning_prune.targets import Target, select_targets
 from lightning_prune.thresholds import LayerGroups, select_groups
 
 STATE_VERSION = 1
+#: Events over at least this many weights report their progress (about a second's work on a CPU).
+PROGRESS_MIN_WEIGHTS = 50_000_000
 
 
 def broadcast_from_rank_zero(tensors: list[Tensor]) -> None:
@@ -261,6 +264,13 @@ class Pruner:
         if self._fade_stages is not None:  # a short last interval: finish the previous fade first
             self._fade_position = self._fade_steps
             self._advance_fade()
+        weights = sum(m.numel() for m in self.masks)
+        started = time.perf_counter()
+        say = rank_zero_info if weights >= PROGRESS_MIN_WEIGHTS else lambda message: None
+        say(
+            f"lightning_prune: event at step {self.step}: scoring {weights:,} weights in "
+            f"{len(self.targets)} layers to sparsity {sparsity:.4f}"
+        )
         layers, scores = [], []
         for target, mask, buffer in zip(self.targets, self.masks, self.buffers, strict=True):
             score = criterion.score(buffer, target.param).masked_fill_(~mask, float("-inf"))
@@ -272,12 +282,18 @@ class Pruner:
             costs = pattern.group_costs(score)
             layers.append(LayerGroups(costs.flatten(), pattern.group_size(score.shape), score.numel()))
             scores.append((score, costs.shape))
+        say(
+            f"lightning_prune: event at step {self.step}: selecting groups ({time.perf_counter() - started:.1f} s)"
+        )
         selected = select_groups(
             layers,
             sparsity,
             self.options.scope,
             self.options.min_sparsity_per_layer,
             self.options.max_sparsity_per_layer,
+        )
+        say(
+            f"lightning_prune: event at step {self.step}: building masks ({time.perf_counter() - started:.1f} s)"
         )
         progressive = self.progressive
         keeps = [
@@ -305,6 +321,10 @@ class Pruner:
         layer_sparsity = {t.name: c / n for t, c, n in zip(self.targets, counts, sizes, strict=True)}
         event = PruningEvent(self.step, sparsity, sum(counts) / sum(sizes), layer_sparsity)
         self.events.append(event)
+        say(
+            f"lightning_prune: event at step {self.step} done in {time.perf_counter() - started:.1f} s, "
+            f"sparsity {event.sparsity:.4f}"
+        )
         return event
 
     @torch.no_grad()
@@ -320,6 +340,18 @@ class Pruner:
         """Fraction of pruned weights over all targets, from the masks."""
         pruned = sum(m.numel() - int(torch.count_nonzero(m)) for m in self.masks)
         return pruned / sum(m.numel() for m in self.masks)
+
+    @torch.no_grad()
+    def weight_sparsity(self) -> tuple[float, dict[str, float]]:
+        """Fraction of zeros in the targets' weights, overall and by module name.
+
+        Counted from the weights, not the masks: under a progressive fade the weights reach an
+        event's masks over the fade, and a weight can be zero without being pruned.
+        """
+        zeros = torch.stack([(t.param == 0).sum().cpu() for t in self.targets]).tolist()  # one sync
+        sizes = [t.param.numel() for t in self.targets]
+        layers = {t.name: z / n for t, z, n in zip(self.targets, zeros, sizes, strict=True)}
+        return sum(zeros) / sum(sizes), layers
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of pruned weights per target, by module name, from the masks."""

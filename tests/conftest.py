@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
@@ -62,6 +63,8 @@ def make_trainer(callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
         "enable_model_summary": False,
         "limit_val_batches": 0,
         "deterministic": True,
+        # The callback writes its report under log_dir at the end of fit: keep it out of the checkout.
+        "default_root_dir": tempfile.mkdtemp(prefix="lightning-prune-test-"),
     }
     settings.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **settings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
@@ -250,6 +251,7 @@ def demo_trainer(callback: PruningCallback, **kwargs: Any) -> pl.Trainer:
         "enable_checkpointing": False,
         "enable_progress_bar": False,
         "enable_model_summary": False,
+        "default_root_dir": tempfile.mkdtemp(prefix="lightning-prune-test-"),  # the end-of-fit report
     }
     settings.update(kwargs)
     return pl.Trainer(callbacks=[callback], **settings)

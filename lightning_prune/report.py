@@ -1,0 +1,199 @@
+"""``sparsity_report``: how sparse a model is, layer by layer, counted from its weights.
+
+It counts zeros in the weights themselves, not masks, so it reports the same for a model pruned by
+this library, by ``torch.nn.utils.prune`` (whose ``weight`` attribute is the masked product) or by
+hand, and it tells which zeros a physical export can use: whole output rows, whole input channels,
+and whether a layer is 2:4 along its input channels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+
+from lightning_prune.files import write_atomically
+from lightning_prune.patterns import to_canonical
+from lightning_prune.targets import plain_name
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Zeros in one layer's weight.
+
+    Args:
+        name: qualified module name (``torch.compile``'s ``_orig_mod`` removed).
+        type: module class name.
+        shape: weight shape.
+        numel: number of weights.
+        zeros: number of weights that are exactly zero.
+        sparsity: ``zeros / numel``.
+        zero_rows: output rows (Linear) or filters (Conv) that are entirely zero.
+        zero_channels: input columns (Linear) or input channels (Conv) that are entirely zero.
+        is_2of4: whether every group of 4 consecutive input weights holds at most 2 non-zeros
+            (``False`` when the input size is not a multiple of 4).
+        pattern: how the layer was pruned, when the caller knows (``""`` otherwise).
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+    sparsity: float
+    zero_rows: int
+    zero_channels: int
+    is_2of4: bool
+    pattern: str = ""
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer and overall zeros of a model.
+
+    Args:
+        layers: one entry per weight, in module order (a weight shared by several modules once).
+    """
+
+    layers: tuple[LayerSparsity, ...]
+
+    @property
+    def numel(self) -> int:
+        """Weights over all reported layers."""
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def zeros(self) -> int:
+        """Zero weights over all reported layers."""
+        return sum(layer.zeros for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all reported layers (0 for a model with no weights)."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def __getitem__(self, name: str) -> LayerSparsity:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer {name!r} in the report; layers: {[layer.name for layer in self.layers]}")
+
+    def table(self, title: str | None = "Sparsity by layer") -> Table:
+        """The report as a ``rich`` table, with a total row."""
+        show_pattern = any(layer.pattern for layer in self.layers)
+        table = Table(title=title)
+        table.add_column("layer")
+        table.add_column("shape")
+        if show_pattern:
+            table.add_column("pattern")
+        for column in ("weights", "sparsity", "zero rows", "zero channels", "2:4"):
+            table.add_column(column, justify="right")
+        for layer in self.layers:
+            cells = [layer.name, "x".join(map(str, layer.shape))]
+            if show_pattern:
+                cells.append(layer.pattern)
+            cells += [
+                f"{layer.numel:,}",
+                f"{layer.sparsity:.1%}",
+                str(layer.zero_rows),
+                str(layer.zero_channels),
+                "yes" if layer.is_2of4 else "no",
+            ]
+            table.add_row(*cells)
+        total = ["total", ""] + ([""] if show_pattern else []) + [f"{self.numel:,}", f"{self.sparsity:.1%}"]
+        table.add_row(*total, "", "", "", end_section=True)
+        return table
+
+    def __str__(self) -> str:
+        console = Console(file=io.StringIO(), width=120, color_system=None)
+        console.print(self.table())
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+    def to_csv(self, path: str) -> None:
+        """Write one row per layer (every field; shape as ``AxB``) to ``path``, atomically."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(LayerSparsity)])
+        writer.writeheader()
+        for layer in self.layers:
+            row = asdict(layer)
+            row["shape"] = "x".join(map(str, layer.shape))
+            writer.writerow(row)
+        write_atomically(path, buffer.getvalue())
+
+
+def _weights(model: nn.Module, op_types: Sequence[str] | None) -> Iterable[tuple[str, nn.Module, Tensor]]:
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() < 2:
+            continue
+        if op_types is not None and not any(cls.__name__ in op_types for cls in type(module).__mro__):
+            continue
+        if id(weight) in seen:  # tied weights (e.g. embedding and head) count once
+            continue
+        seen.add(id(weight))
+        yield plain_name(name), module, weight
+
+
+@torch.no_grad()
+def layer_sparsity(name: str, module: nn.Module, weight: Tensor, pattern: str = "") -> LayerSparsity:
+    """Count the zeros of one ``weight`` (shape ``(out, in, *kernel)``) and the structure they form."""
+    zero = to_canonical(weight.detach()) == 0  # (out, K, in)
+    out, kernel, inputs = zero.shape
+    nonzero_per_quad = (~zero).reshape(out, kernel, inputs // 4, 4).sum(-1) if inputs % 4 == 0 else None
+    counts = torch.stack(
+        [
+            zero.sum(),
+            zero.all(dim=2).all(dim=1).sum(),
+            zero.all(dim=1).all(dim=0).sum(),
+            (nonzero_per_quad > 2).sum()
+            if nonzero_per_quad is not None
+            else zero.new_ones((), dtype=torch.long),
+        ]
+    ).tolist()  # one device sync per layer
+    numel = weight.numel()
+    return LayerSparsity(
+        name=name,
+        type=type(module).__name__,
+        shape=tuple(weight.shape),
+        numel=numel,
+        zeros=counts[0],
+        sparsity=counts[0] / numel,
+        zero_rows=counts[1],
+        zero_channels=counts[2],
+        is_2of4=counts[3] == 0,
+        pattern=pattern,
+    )
+
+
+def sparsity_report(model: nn.Module, op_types: Sequence[str] | None = None) -> SparsityReport:
+    """Count the zeros of every weight of ``model`` that has at least 2 dims (Linear, Conv, Embedding...).
+
+    Works on any model, also one pruned elsewhere: it reads the weights, not masks.
+
+    Args:
+        model: the network to inspect.
+        op_types: module class names to report (subclasses count); ``None`` reports every module
+            with a weight of 2 or more dims.
+
+    Returns:
+        the per-layer counts and, as properties, the overall ``numel``, ``zeros`` and ``sparsity``.
+
+    Example::
+
+        >>> from torch import nn
+        >>> layer = nn.Linear(4, 2)
+        >>> _ = nn.init.zeros_(layer.weight[0])
+        >>> report = sparsity_report(nn.Sequential(layer))
+        >>> report.sparsity, report["0"].zero_rows
+        (0.5, 1)
+    """
+    if op_types is not None and (isinstance(op_types, str) or not all(isinstance(t, str) for t in op_types)):
+        raise ValueError(f"op_types={op_types!r} must be a list of module class names, or None for all")
+    return SparsityReport(tuple(layer_sparsity(*entry) for entry in _weights(model, op_types)))
