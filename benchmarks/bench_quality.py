@@ -1,0 +1,372 @@
+"""Quality kept at each sparsity: ``PruningCallback`` against Lightning's ``ModelPruning`` and INC 3.7.1.
+
+Two tasks on data that ships with the packages (``benchmarks/quality/tasks.py``): the digits CNN of
+``lightning_prune.demo`` (validation accuracy) and a byte-level GPT trained on the standard library's
+own source, judged by validation loss on held-out files. Every arm of a task trains the same
+initial weights on the same batch stream with the same Adam for the same number of steps:
+
+- ``dense``: no pruning;
+- ``modelpruning/l1/1x1``: Lightning's ``ModelPruning("l1_unstructured", use_global_unstructured=True)``
+  to 90%, on the same layers and the same event steps as ours (see ``quality/arms.py``);
+- ``ours/<criterion>/<pattern>``: ``PruningCallback`` with every criterion (and INC's decaying
+  snip-momentum, ``snip_momentum_decay``) at 1x1 90%, 4x1 80%, 2:4 and channelx1 50%; for magnitude
+  and snip_momentum also ``+progressive`` (structured patterns) and ``+group_lasso`` (4x1, channelx1);
+- ``inc/<criterion>/<pattern>``: INC 3.7.1's pruner (magnitude, snip_momentum) at the same four
+  cases, when ``benchmarks/.venv-inc`` exists (``bash benchmarks/setup_inc.sh``); it runs there in a
+  plain loop (``quality/inc_arm.py``).
+
+Every pruning arm uses the callback's default window: about 20 events from step 0 to 3/4 of
+training on the ``exp`` curve, then a quarter of fine-tuning at the target.
+
+Run ``python benchmarks/bench_quality.py`` (about 20 minutes on 2 CPU cores; ``--threads 1`` on a
+shared machine), ``--quick`` for a few-second smoke run. It writes ``quality_results.csv`` (one row
+per arm and seed), ``quality.png`` and its section of ``RESULTS.md``, all in the folder of
+``--output``. A CUDA GPU is used when present; ``--size large`` makes the GPT task larger for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality/ and bench_overhead beside this file
+
+from bench_overhead import load_line, machine_line, quiet_lightning, write_atomically
+from quality.arms import Arm, Result, all_arms, pruning_schedule, quick_arms, run_arm, select_arms
+from quality.inc_arm import INC_PYTHON, inc_status, run_inc_arms
+from quality.report import (
+    best_per_pattern,
+    plot,
+    render_csv,
+    render_table,
+    result_rows,
+    summarize,
+    target_checks,
+)
+from quality.tasks import SIZES, TASKS, Task, make_task
+
+START_MARKER = "<!-- bench_quality:start -->"
+END_MARKER = "<!-- bench_quality:end -->"
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
+CSV_NAME = "quality_results.csv"
+PNG_NAME = "quality.png"
+RESULTS_HEADER = (
+    "# Benchmark results\n\n"
+    "Each section below is written by the script it names; rerun that script to refresh it.\n"
+)
+EXTRA = {"gpt": "val_ppl", "digits": "val_loss"}
+EXTRA_NAMES = {"gpt": "ppl", "digits": "loss"}
+
+
+# ---------------------------------------------------------------------------------------- command line
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse and check the command line; a bad value fails here, naming its argument."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and a few arms (smoke test)")
+    parser.add_argument(
+        "--size", choices=SIZES, default=None, help="task sizes (default: default; quick with --quick)"
+    )
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {list(TASKS)}")
+    parser.add_argument("--arms", default=None, help="regex over arm names (re.search); dense always runs")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds; the table shows medians")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own; quick 1)"
+    )
+    parser.add_argument("--no-inc", action="store_true", help="skip the INC arm even if its venv exists")
+    parser.add_argument("--inc-python", type=Path, default=INC_PYTHON, help="interpreter of INC's venv")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="results markdown to update; CSV and PNG go beside it",
+    )
+    args = parser.parse_args(argv)
+    args.size = args.size or ("quick" if args.quick else "default")
+    if args.quick and args.threads is None:
+        args.threads = 1
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        parser.error(f"--tasks {args.tasks!r}: unknown {unknown or 'empty'}; choose from {list(TASKS)}")
+    args.tasks = list(dict.fromkeys(tasks))
+    try:
+        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r} must be a comma list of integers")
+    if not args.seeds or any(s < 0 for s in args.seeds):
+        parser.error(f"--seeds {args.seeds!r} must name at least one seed >= 0")
+    if args.arms is not None:
+        try:
+            re.compile(args.arms)
+        except re.error as error:
+            parser.error(f"--arms {args.arms!r} is not a regular expression: {error}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads} must be >= 1")
+    if args.output.is_dir():
+        parser.error(f"--output {args.output} is a folder; give the markdown file to update")
+    return args
+
+
+# ---------------------------------------------------------------------------------------- running
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Lightning's chatter off; the "layer left dense" warning is kept once per message."""
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.filterwarnings("once", message=r".*leaves .* layer\(s\) dense.*")
+        yield
+
+
+def run_task(
+    name: str, args: argparse.Namespace, arms: list[Arm], inc_arms: list[Arm], notes: list[str]
+) -> tuple[Task, list[Result]]:
+    """Every arm of task ``name`` for every seed; INC's in one subprocess per seed."""
+    results: list[Result] = []
+    task: Task | None = None
+    for seed in args.seeds:
+        task = make_task(name, args.size, seed)
+        schedule = pruning_schedule(task)
+        for arm in arms:
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory() as root, quiet():
+                result = run_arm(task, arm, seed, root)
+            results.append(result)
+            print(
+                f"{name} seed {seed} {arm.name:<42} {task.metric} {result.metrics[task.metric]:.4f} "
+                f"sparsity {result.sparsity:.3f} ({time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
+        if inc_arms:
+            results += run_inc(task, args, seed, inc_arms, schedule, notes)
+    assert task is not None
+    return task, results
+
+
+def run_inc(
+    task: Task, args: argparse.Namespace, seed: int, arms: list[Arm], schedule: object, notes: list[str]
+) -> list[Result]:
+    """INC's arms for one seed in its venv; a failure is reported on every arm, with its error."""
+    layers = target_layer_names(task)
+    request = {
+        "task": task.name,
+        "size": args.size,
+        "seed": seed,
+        "steps": task.steps,
+        "threads": args.threads,
+        "layers": layers,
+        "schedule": {
+            "start": schedule.start_step,  # type: ignore[attr-defined]
+            "end": schedule.end_step,  # type: ignore[attr-defined]
+            "frequency": schedule.frequency,  # type: ignore[attr-defined]
+            "curve": schedule.curve,  # type: ignore[attr-defined]
+        },
+        "arms": [{"criterion": a.criterion, "pattern": a.pattern, "target": a.target} for a in arms],
+    }
+    started = time.perf_counter()
+    try:
+        answer = run_inc_arms(request, args.inc_python)
+    except RuntimeError as error:
+        print(f"{task.name} seed {seed} INC failed: {error}", flush=True)
+        return [Result(arm, seed, error=str(error)) for arm in arms]
+    dense = answer["dense"]["metrics"][task.metric]
+    notes.append(
+        f"{task.name} seed {seed}: dense in INC's plain loop (its venv, torch {answer['versions']['torch']}) "
+        f"reached {task.metric} {dense:.4f}, the check that that loop trains like the Lightning one."
+    )
+    results = []
+    for arm, run in zip(arms, answer["arms"], strict=True):
+        if run.get("error"):
+            result = Result(arm, seed, error=run["error"])
+            print(f"{task.name} seed {seed} {arm.name:<42} failed: {run['error'][:200]}", flush=True)
+        else:
+            result = Result(arm, seed, run["metrics"], run["sparsity"], run["fit_s"], run["event_steps"])
+            print(
+                f"{task.name} seed {seed} {arm.name:<42} {task.metric} {result.metrics[task.metric]:.4f} "
+                f"sparsity {result.sparsity:.3f}",
+                flush=True,
+            )
+        results.append(result)
+    print(f"{task.name} seed {seed} INC arms took {time.perf_counter() - started:.1f} s", flush=True)
+    return results
+
+
+def target_layer_names(task: Task) -> list[str]:
+    """Module names, relative to the task's network, of the layers every arm prunes."""
+    from lightning_prune.targets import select_targets
+
+    return [t.name for t in select_targets(task.build())]
+
+
+# ---------------------------------------------------------------------------------------- writing
+def replace_section(text: str | None, section: str) -> str:
+    """``text`` with its bench_quality section replaced by ``section`` (appended when absent)."""
+    if text is None:
+        return f"{RESULTS_HEADER}\n{section}\n"
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    if start != -1 and end > start:
+        return text[:start] + section.rstrip("\n") + text[end + len(END_MARKER) :]
+    return f"{text.rstrip()}\n\n{section.rstrip()}\n"
+
+
+def update_results(path: Path, section: str) -> None:
+    """Replace (or add) this script's section of ``path``, keeping everything else.
+
+    The file is read right before the atomic write, so that another script's section written
+    meanwhile is kept.
+    """
+    old = path.read_text(encoding="utf-8") if path.exists() else None
+    write_atomically(path, replace_section(old, section))
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def render_section(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    tasks: list[Task],
+    table: str,
+    best: str,
+    targets: list[str],
+    notes: list[str],
+    machine: str,
+    loads: str,
+    minutes: float,
+) -> str:
+    """The whole delimited section for RESULTS.md."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = shlex.join(["python", "benchmarks/bench_quality.py", *argv])
+    schedule_lines = []
+    for task in tasks:
+        s = pruning_schedule(task)
+        schedule_lines.append(
+            f"- `{task.name}`: {task.description}. Pruning events after steps {s.start_step + s.frequency}, "
+            f"{s.start_step + 2 * s.frequency}, ... {s.end_step} (every {s.frequency}, exp curve), "
+            f"then {task.steps - s.end_step} steps at the target."
+        )
+    note_lines = "\n".join(f"- {n}" for n in notes)
+    target_lines = "\n".join(f"- {t}" for t in targets)
+    seeds = ", ".join(map(str, args.seeds))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"""{START_MARKER}
+## Quality kept at each sparsity (`bench_quality.py`)
+
+Command: `{command}` ({minutes:.1f} min)
+
+Machine: {machine}; device {device}. Load average (1/5/15 min) at start / end: {loads}.
+
+Date: {now}. Seeds: {seeds} (the table shows medians over seeds; every seed's row is in
+`{CSV_NAME}`). Plot: `{PNG_NAME}`.
+
+Tasks (every arm: same initial weights, batch stream, Adam and step count):
+{chr(10).join(schedule_lines)}
+
+Arms: `dense`; Lightning's `ModelPruning("l1_unstructured", use_global_unstructured=True)` on the
+same layers, driven on the same steps: the batch stream is served in epochs of one pruning interval
+(a sampler that continues the stream), so its `on_train_epoch_end` falls after the same optimizer
+steps as our events, and `amount(epoch)` is the share of the remaining weights that reaches our
+schedule's sparsity at that event; `PruningCallback` with the default window, frequency and curve
+(`progressive=True` and `regularizer="group_lasso"` variants for magnitude and snip_momentum;
+`snip_momentum_decay` is `SnipMomentumCriterion(alpha=0.9, beta=1.0)`, INC's definition); INC
+3.7.1's `prepare_pruning(model, WeightPruningConfig(...), optimizer)` with the same layers, targets,
+global scope, per-layer bounds, start/end step, frequency and exp curve, in a plain loop (same
+network, batches, Adam and steps) in its own venv. Sparsity reached counts exact zeros over the
+layers every arm targets (all Linear/Conv weights but the head), so a layer a pattern cannot tile
+counts as dense. Fit s is the wall time of training (Lightning loop; INC: plain loop), without
+the evaluation.
+
+{table}
+
+Best of ours per pattern (median metric, change vs dense), next to the peers:
+
+{best}
+
+Issue 8 targets (GPT task, same step budget):
+{target_lines}
+
+Notes:
+{note_lines}
+{END_MARKER}
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and write the CSV, the plot and this script's section of the results file.
+
+    Args:
+        argv: command-line arguments (``sys.argv[1:]`` when ``None``).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    notes: list[str] = []
+    inc_ok, inc_line = (False, "INC arm skipped: --no-inc") if args.no_inc else inc_status(args.inc_python)
+    notes.append(inc_line)
+    print(inc_line, flush=True)
+    candidates = quick_arms(inc_ok) if args.quick else all_arms(inc_ok)
+    arms = select_arms(candidates, args.arms)
+    lightning_arms = [a for a in arms if a.method != "inc"]
+    inc_arms = [a for a in arms if a.method == "inc"]
+    default_threads = torch.get_num_threads()
+    loads = load_line()
+    started = time.perf_counter()
+    tasks: list[Task] = []
+    rows: list[dict[str, object]] = []
+    summaries = []
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        machine = machine_line(default_threads)
+        for name in args.tasks:
+            task, results = run_task(name, args, lightning_arms, inc_arms, notes)
+            tasks.append(task)
+            rows += result_rows(name, task.metric, results)
+            summaries += summarize(name, task.metric, EXTRA[name], results)
+    finally:
+        torch.set_num_threads(default_threads)  # main() may run inside another process (a test)
+    minutes = (time.perf_counter() - started) / 60
+    loads = f"{loads} / {load_line()}"
+    for task in tasks:
+        notes.append(f"`{task.name}` facts: " + ", ".join(f"{k} {v}" for k, v in task.info.items()))
+    table = render_table(summaries, EXTRA_NAMES)
+    higher = {t.name: t.higher_is_better for t in tasks}
+    best = best_per_pattern(summaries, higher)
+    targets = target_checks(summaries)
+    print(table, best, *targets, sep="\n\n", flush=True)
+    folder = args.output.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(folder / CSV_NAME, render_csv(rows))
+    titles = {
+        t.name: f"{t.name}: {t.metric} ({'higher' if t.higher_is_better else 'lower'} is better)"
+        for t in tasks
+    }
+    write_bytes_atomically(folder / PNG_NAME, plot(summaries, folder / PNG_NAME, titles))
+    section = render_section(args, argv, tasks, table, best, targets, notes, machine, loads, minutes)
+    update_results(args.output, section)
+    print(f"wrote {args.output}, {folder / CSV_NAME}, {folder / PNG_NAME}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""bench_quality.py's parts: tasks, arms, the INC arm and the report."""

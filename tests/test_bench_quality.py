@@ -1,0 +1,105 @@
+"""Smoke tests of benchmarks/bench_quality.py: it runs and writes its table, CSV and plot.
+
+Accuracy and timing are never asserted: the quick size trains for a few steps only.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPT = BENCHMARKS / "bench_quality.py"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_quality  # noqa: E402
+from quality.arms import quick_arms  # noqa: E402
+from quality.inc_arm import INC_PYTHON, inc_status  # noqa: E402
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the script in a fresh interpreter on one thread (the machine is shared)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, check=False
+    )
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """Cells of the main results table in the section (rows that start with a task name)."""
+    section = text[text.index(bench_quality.START_MARKER) : text.index(bench_quality.END_MARKER)]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in row] for row in rows if len(row) == 9 and row[0].strip() in ("digits", "gpt")]
+
+
+def test_quick_run_writes_table_csv_and_plot(tmp_path: Path) -> None:
+    output = tmp_path / "RESULTS.md"
+    other = "<!-- bench_export:start -->\nanother script's section\n<!-- bench_export:end -->\n"
+    output.write_text(f"# Kept header\n\n{other}")
+
+    done = run_script("--quick", "--no-inc", "--output", str(output))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    text = output.read_text()
+    assert text.startswith(f"# Kept header\n\n{other}"), "other sections are kept"
+    assert text.count(bench_quality.START_MARKER) == 1 and text.count(bench_quality.END_MARKER) == 1
+    assert "Command: `python benchmarks/bench_quality.py --quick --no-inc" in text
+    arms = quick_arms(inc=False)
+    rows = table_rows(text)
+    assert len(rows) == 2 * len(arms)
+    assert {(r[0], r[3]) for r in rows} == {(t, a.pattern) for t in ("digits", "gpt") for a in arms}
+    assert not any(r[6].startswith("failed") for r in rows)
+
+    with (tmp_path / bench_quality.CSV_NAME).open() as handle:
+        records = list(csv.DictReader(handle))
+    assert len(records) == 2 * len(arms)
+    assert set(records[0]) >= {"task", "arm", "sparsity", "metric", "value", "fit_s", "error"}
+    assert {r["arm"] for r in records} == {a.name for a in arms}
+    assert all(r["error"] == "" and float(r["value"]) == float(r["value"]) for r in records)
+
+    from matplotlib.image import imread
+
+    image = imread(tmp_path / bench_quality.PNG_NAME)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert not list(tmp_path.glob(".*.tmp")), "atomic writes leave no temporary file"
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--tasks", "digits,mnist"], "--tasks"),
+        (["--seeds", "0,x"], "--seeds"),
+        (["--arms", "ours/("], "--arms"),
+        (["--threads", "0"], "--threads"),
+    ],
+)
+def test_bad_arguments_fail_early_naming_the_argument(
+    args: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        bench_quality.parse_args(args)
+    assert named in capsys.readouterr().err
+
+
+def test_replace_section_keeps_the_rest() -> None:
+    start, end = bench_quality.START_MARKER, bench_quality.END_MARKER
+    text = f"head\n{start}\nold\n{end}\ntail\n"
+    assert (
+        bench_quality.replace_section(text, f"{start}\nnew\n{end}\n") == f"head\n{start}\nnew\n{end}\ntail\n"
+    )
+    assert bench_quality.replace_section("head\n", "S").endswith("head\n\nS\n")
+
+
+@pytest.mark.skipif(not inc_status()[0], reason=f"INC venv missing or broken: {inc_status()[1]}")
+def test_inc_arm_runs_in_its_venv(tmp_path: Path) -> None:
+    done = run_script("--quick", "--tasks", "digits", "--arms", "^inc/", "--output", str(tmp_path / "R.md"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = table_rows((tmp_path / "R.md").read_text())
+    assert [r[1] for r in rows] == ["dense", "INC 3.7.1"]
+    assert not rows[1][6].startswith("failed"), rows[1][6]
+    assert INC_PYTHON.exists()
