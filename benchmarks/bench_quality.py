@@ -32,9 +32,11 @@ import datetime
 import os
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -141,14 +143,20 @@ def run_task(
         schedule = pruning_schedule(task)
         for arm in arms:
             started = time.perf_counter()
-            with tempfile.TemporaryDirectory() as root, quiet():
-                result = run_arm(task, arm, seed, root)
+            try:
+                with tempfile.TemporaryDirectory() as root, quiet():
+                    result = run_arm(task, arm, seed, root)
+            except Exception as error:  # kept as a failed row; main() exits non-zero after writing
+                traceback.print_exc()
+                result = Result(arm, seed, error=f"{type(error).__name__}: {error}")
+                print(f"{name} seed {seed} {arm.name:<42} FAILED: {result.error}", flush=True)
+            else:
+                print(
+                    f"{name} seed {seed} {arm.name:<42} {task.metric} {result.metrics[task.metric]:.4f} "
+                    f"sparsity {result.sparsity:.3f} ({time.perf_counter() - started:.1f} s)",
+                    flush=True,
+                )
             results.append(result)
-            print(
-                f"{name} seed {seed} {arm.name:<42} {task.metric} {result.metrics[task.metric]:.4f} "
-                f"sparsity {result.sparsity:.3f} ({time.perf_counter() - started:.1f} s)",
-                flush=True,
-            )
         if inc_arms:
             results += run_inc(task, args, seed, inc_arms, schedule, notes)
     assert task is not None
@@ -208,6 +216,22 @@ def target_layer_names(task: Task) -> list[str]:
     from lightning_prune.targets import select_targets
 
     return [t.name for t in select_targets(task.build())]
+
+
+def library_line() -> str:
+    """Which lightning_prune was measured: the commit, and whether its folder had local changes."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], cwd=repo, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "lightning_prune: not a git checkout, commit unknown"
+    dirty = git("status", "--porcelain", "--", "lightning_prune")
+    state = "with uncommitted changes in lightning_prune/" if dirty else "clean lightning_prune/"
+    return f"lightning_prune at commit {commit}, {state}"
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -324,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     notes: list[str] = []
     inc_ok, inc_line = (False, "INC arm skipped: --no-inc") if args.no_inc else inc_status(args.inc_python)
     notes.append(inc_line)
+    notes.append(library_line())
     print(inc_line, flush=True)
     candidates = quick_arms(inc_ok) if args.quick else all_arms(inc_ok)
     arms = select_arms(candidates, args.arms)
@@ -366,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     section = render_section(args, argv, tasks, table, best, targets, notes, machine, loads, minutes)
     update_results(args.output, section)
     print(f"wrote {args.output}, {folder / CSV_NAME}, {folder / PNG_NAME}", flush=True)
+    failed = [f"{r['task']} {r['arm']} seed {r['seed']}" for r in rows if r["error"] and r["method"] != "inc"]
+    if failed:
+        raise SystemExit(f"{len(failed)} arm(s) failed (rows kept in the results): {failed}")
 
 
 if __name__ == "__main__":
