@@ -356,6 +356,27 @@ def test_slim_attention_matches_with_per_head_masks_and_weights() -> None:
     torch.testing.assert_close(got, want, **TIGHT)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@torch.no_grad()
+def test_cross_attention_with_other_key_and_value_sizes(bias: bool) -> None:
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, kdim=24, vdim=20, bias=bias, dropout=0.1)
+
+        def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return self.attn(q, k, v, need_weights=False)[0]
+
+    model = seeded(Cross()).eval()
+    model.attn.v_proj_weight[8:16] = 0  # head 1
+    model.attn.out_proj.weight[:, 24:] = 0  # head 3
+    inputs = (torch.randn(5, 2, 32), torch.randn(7, 2, 24), torch.randn(7, 2, 20))
+    result = slim(model, inputs)
+    assert result.model.attn.kept_heads.tolist() == [0, 2]
+    assert result.chains[0].folded == (1 if bias else 0)
+    same_outputs(model, result.model, *inputs)
+
+
 @torch.no_grad()
 def test_attention_whose_weights_are_used_keeps_its_heads() -> None:
     class Probe(Block):
