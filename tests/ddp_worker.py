@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_prune.callback as callback_module
 import lightning_prune.pruner as pruner_module
 from lightning_prune import Criterion, Progressive, PruningCallback
 
@@ -115,6 +116,34 @@ def spy_on_broadcast() -> None:
     pruner_module.broadcast_from_rank_zero = spy
 
 
+#: Names of the report files this rank wrote (the callback promises: rank 0 only).
+WRITTEN: list[str] = []
+
+
+def spy_on_report_files() -> None:
+    original = callback_module.write_atomically
+    if getattr(original, "is_spy", False):
+        return
+
+    def spy(path: Any, data: Any) -> None:
+        WRITTEN.append(Path(path).name)
+        original(path, data)
+
+    spy.is_spy = True  # type: ignore[attr-defined]
+    callback_module.write_atomically = spy
+    for cls, attribute in (
+        (callback_module.PruningHistory, "to_csv"),
+        (callback_module.SparsityReport, "to_csv"),
+    ):
+        method = getattr(cls, attribute)
+
+        def recorded(self: Any, path: str, _method: Any = method) -> None:
+            WRITTEN.append(Path(path).name)
+            _method(self, path)
+
+        setattr(cls, attribute, recorded)
+
+
 class Recorder(pl.Callback):
     """Hashes masks, pruned weights and score buffers after every pruning event, on every rank."""
 
@@ -128,6 +157,7 @@ class Recorder(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         spy_on_broadcast()  # here, in the rank's own process (ddp_spawn starts fresh ones)
+        spy_on_report_files()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         # After a resume the restored events are not new (an event at step 0 of a fresh run is).
@@ -182,6 +212,7 @@ class Recorder(pl.Callback):
             "steps": self.steps,
             "scores": SCORE_LOG,
             "broadcasts": BROADCAST_LOG,
+            "written": WRITTEN,
             "final": {
                 "step": pruner.step,
                 "targets": [t.name for t in pruner.targets],

@@ -193,6 +193,9 @@ def test_magnitude_4x1_masks_agree_on_every_rank(magnitude_run: tuple[Result, Re
     assert_ranks_chose_alike(rank0, rank1)
     assert rank0["global_step"] == 20
     assert_reaches(rank0, 0.75)
+    # The end-of-fit report is written once, by rank 0.
+    assert sorted(rank0["written"]) == ["curve.csv", "curve.png", "layers.csv"]
+    assert rank1["written"] == []
 
 
 def test_snip_momentum_2_4_scores_come_from_reduced_gradients(
