@@ -133,6 +133,39 @@ def test_stacked_chains_each_shrink() -> None:
     same_outputs(model, result.model, x)
 
 
+class GatedFFN(nn.Module):
+    """LLaMA-style SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, 32, bias=bias)
+        self.up = nn.Linear(16, 32, bias=bias)
+        self.down = nn.Linear(32, 16, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@torch.no_grad()
+def test_gated_ffn_units_go_when_either_factor_is_zero(bias: bool) -> None:
+    model = seeded(GatedFFN(bias))
+    model.down.weight[:, 0:4] = 0  # ignored by down
+    model.gate.weight[4:8] = 0  # silu(gate bias): zero only without bias
+    model.up.weight[8:12] = 0  # up bias times a varying gate: zero only without bias
+    model.gate.weight[12:14] = 0
+    model.up.weight[12:14] = 0  # both factors constant: silu(b_gate) * b_up, folded
+    x = torch.randn(3, 5, 16)
+    result = slim(model, (x,))
+    [chain] = result.chains
+    assert chain.layers == ("gate", "up", "down") and chain.producers == 2
+    expected = 32 - 4 - 2 - (0 if bias else 8)
+    assert result.model.gate.out_features == result.model.up.out_features == expected
+    assert chain.folded == (2 if bias else 0)
+    assert "gate, up -> down" in str(result)
+    same_outputs(model, result.model, x)
+
+
 @torch.no_grad()
 def test_activation_used_twice_is_left_and_listed() -> None:
     class TwoUsers(MLP):

@@ -1,11 +1,13 @@
 """Find what :func:`~lightning_prune.export.slim` may shrink, from a ``torch.fx`` trace of the model.
 
-A *chain* is a producer layer whose output reaches exactly one consumer layer through per-channel ops
-only: ``Linear -> elementwise ops -> Linear`` or ``ConvNd -> (BatchNormNd | elementwise ops) ->
-ConvNd``. Every tensor between the two has a single user, so each hidden unit (channel) of the
-producer feeds only the same unit of the consumer's input and can be removed on its own. Anything
-else (a second user, a reshape, a normalisation over the hidden dim, a layer called twice) breaks the
-chain, and the reason is kept for the report.
+A *chain* ends in a consumer layer (Linear or ConvNd) whose input is computed, unit by unit, from the
+outputs of one or more producer layers of the same kind: ``Linear -> activation -> Linear``, a gated
+FFN ``down(silu(gate(x)) * up(x))``, or ``ConvNd -> BatchNormNd -> activation -> ConvNd``. Every
+tensor in between has a single user and every op in between is per-unit (elementwise, BatchNorm, or
+elementwise arithmetic between two such tensors), so hidden unit ``j`` of the producers only reaches
+input ``j`` of the consumer and can be removed on its own. Anything else (a second user, a reshape, a
+normalisation over the hidden dim, a layer called twice) means no chain, and the reason is kept for
+the report.
 """
 
 from __future__ import annotations
@@ -60,23 +62,32 @@ SCALAR_OPS: frozenset[object] = frozenset(
     {operator.mul, operator.truediv, operator.add, operator.sub, operator.pow, operator.neg,
      torch.mul, torch.add, torch.sub, torch.div, torch.neg}
 )  # fmt: skip
+#: Elementwise arithmetic between two hidden tensors (a gated FFN multiplies two of them).
+BINARY_OPS: frozenset[object] = frozenset(
+    {operator.mul, operator.add, operator.sub, torch.mul, torch.add, torch.sub}
+)  # fmt: skip
+#: Of those, the ones whose result is zero when either side is zero.
+ZERO_PRODUCT_OPS: frozenset[object] = frozenset({operator.mul, torch.mul})
 
 
 @dataclass
 class Chain:
-    """A producer -> per-channel ops -> consumer path whose hidden units can be removed one by one.
+    """Producers -> per-unit ops -> consumer: hidden units that can be removed one by one.
 
     Args:
         kind: ``"linear"`` or ``"conv"``.
-        producer: qualified name of the layer whose outputs are the hidden units.
+        producers: qualified names of the layers whose outputs are the hidden units, in graph order.
         consumer: qualified name of the layer that reads them.
-        between: the graph nodes in between, in order.
+        producer_nodes: the producers' graph nodes, in the same order.
+        between: the graph nodes between producers and consumer, in graph order; the last one (or
+            the only producer, when empty) is the consumer's input.
         norms: qualified names of the BatchNorm modules among ``between``.
     """
 
     kind: str
-    producer: str
+    producers: list[str]
     consumer: str
+    producer_nodes: list[fx.Node] = field(default_factory=list)
     between: list[fx.Node] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
 
@@ -193,17 +204,22 @@ def _shared_modules(root: nn.Module) -> set[str]:
 
 
 def find_chains(root: nn.Module, graph: fx.Graph) -> GraphFindings:
-    """Every removable-unit chain and multi-head attention in ``graph``, and why other layers are not."""
+    """Every removable-unit chain and multi-head attention in ``graph``, and why other layers are not.
+
+    Chains come in the graph order of their consumers, so a chain is listed after every chain that
+    feeds one of its producers (whose shrinking changes that producer's columns and bias).
+    """
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     shared = _shared_modules(root)
+    order = {node: index for index, node in enumerate(graph.nodes)}
     chains: list[Chain] = []
     attention: list[str] = []
     output_reasons: dict[str, str] = {}
     input_reasons: dict[str, str] = {}
-    consumers: set[str] = set()
+    layers: list[fx.Node] = []
     for node in graph.nodes:
         if node.op != "call_module":
             continue
@@ -215,38 +231,123 @@ def find_chains(root: nn.Module, graph: fx.Graph) -> GraphFindings:
                 attention.append(name)
             else:
                 output_reasons[name] = reason
-            continue
-        if type(module) not in (*LINEAR, *CONVS):
-            continue
-        kind = "linear" if type(module) in LINEAR else "conv"
-        reason = _module_reason(root, name, calls, shared)
-        if reason is not None:
-            output_reasons[name] = reason
-            input_reasons[name] = reason
-            continue
-        chain_or_reason = _walk(node, root, kind, calls, shared)
-        if isinstance(chain_or_reason, str):
-            output_reasons[name] = chain_or_reason
-        else:
-            chains.append(chain_or_reason)
-            consumers.add(chain_or_reason.consumer)
-    for node in graph.nodes:
-        if node.op != "call_module" or str(node.target) in consumers or str(node.target) in input_reasons:
-            continue
-        module = root.get_submodule(str(node.target))
-        if type(module) in (*LINEAR, *CONVS):
-            source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-            where = "an unknown source" if source is None else describe(source, root)
-            input_reasons[str(node.target)] = f"its input comes from {where}, not from a chain it can shrink"
+        elif type(module) in (*LINEAR, *CONVS):
+            layers.append(node)
+            chain_or_reason = _gather(node, root, calls, shared, order)
+            if isinstance(chain_or_reason, str):
+                input_reasons[name] = chain_or_reason
+            else:
+                chains.append(chain_or_reason)
+    producers = {name for chain in chains for name in chain.producers}
+    for node in layers:
+        name = str(node.target)
+        if name not in producers:
+            own = _module_reason(root, name, calls, shared)
+            output_reasons[name] = own if own is not None else _forward_reason(node, root, input_reasons)
     return GraphFindings(chains, attention, output_reasons, input_reasons, calls)
 
 
-def _walk(start: fx.Node, root: nn.Module, kind: str, calls: dict[str, int], shared: set[str]) -> Chain | str:
-    """Follow ``start``'s output to its consumer; a :class:`Chain`, or why there is none."""
-    producer = root.get_submodule(str(start.target))
-    current = start
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The distinct graph nodes among ``node``'s arguments, in order."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if n not in found else None)
+    return found
+
+
+def _is_binary(node: fx.Node, inputs: list[fx.Node]) -> bool:
+    """Elementwise arithmetic between two hidden tensors, any other operand a number."""
+    if node.op != "call_function" or node.target not in BINARY_OPS or len(inputs) != 2:
+        return False
+    others = [a for a in (*node.args, *node.kwargs.values()) if not isinstance(a, fx.Node)]
+    return all(isinstance(a, int | float) for a in others)
+
+
+def _norm_reason(node: fx.Node, root: nn.Module, calls: dict[str, int], shared: set[str]) -> str | None:
+    module = root.get_submodule(str(node.target))
+    reason = _module_reason(root, str(node.target), calls, shared)
+    if reason is None and not module.track_running_stats:
+        reason = f"{node.target} has no running statistics (track_running_stats=False)"
+    if reason is None and (len(node.args) != 1 or node.kwargs):
+        reason = f"{node.target} takes other arguments"
+    return reason
+
+
+def _gather(
+    consumer: fx.Node, root: nn.Module, calls: dict[str, int], shared: set[str], order: dict[fx.Node, int]
+) -> Chain | str:
+    """The chain that ends in ``consumer``, found by walking its input back to the producers; or why none."""
+    name = str(consumer.target)
+    layer = root.get_submodule(name)
+    kind = "linear" if type(layer) in LINEAR else "conv"
+    reason = _module_reason(root, name, calls, shared)
+    if reason is not None:
+        return reason
+    if len(consumer.args) != 1 or consumer.kwargs or not isinstance(consumer.args[0], fx.Node):
+        return f"{name} is called with other arguments"
+    producer_nodes: list[fx.Node] = []
     between: list[fx.Node] = []
     norms: list[str] = []
+    seen: set[fx.Node] = set()
+
+    def visit(node: fx.Node) -> str | None:
+        if node in seen:
+            return None
+        seen.add(node)
+        if node.op == "placeholder":
+            return f"it reads {describe(node, root)} (input features are part of the model's interface)"
+        if len(node.users) != 1:
+            names = ", ".join(describe(u, root) for u in node.users)
+            return f"the output of {describe(node, root)} has {len(node.users)} users ({names})"
+        if node.op == "call_module":
+            module = root.get_submodule(str(node.target))
+            if type(module) is type(layer):
+                producer_nodes.append(node)
+                return _module_reason(root, str(node.target), calls, shared)
+            if kind == "conv" and type(module) is NORMS[type(layer)]:
+                why = _norm_reason(node, root, calls, shared)
+                if why is not None:
+                    return why
+                norms.append(str(node.target))
+                between.append(node)
+                return visit(node.args[0])  # type: ignore[arg-type]
+        inputs = tensor_inputs(node)
+        if len(inputs) == 1:
+            why = _is_elementwise(node, inputs[0], root, kind)
+            if why is not None:
+                return f"it comes from {describe(node, root)}: {why}"
+            between.append(node)
+            return visit(inputs[0])
+        if _is_binary(node, inputs):
+            between.append(node)
+            return visit(inputs[0]) or visit(inputs[1])
+        return f"it comes from {describe(node, root)}, which is not a per-unit op"
+
+    reason = visit(consumer.args[0])
+    if reason is not None:
+        return reason
+    hidden = layer.weight.shape[1]
+    producers = [str(n.target) for n in sorted(producer_nodes, key=order.__getitem__)]
+    sizes = {p: root.get_submodule(p).weight.shape[0] for p in producers}
+    if any(size != hidden for size in sizes.values()):
+        return f"its producers' output sizes {sizes} differ from its input size {hidden}"
+    return Chain(
+        kind,
+        producers,
+        name,
+        sorted(producer_nodes, key=order.__getitem__),
+        sorted(between, key=order.__getitem__),
+        [
+            str(n.target)
+            for n in sorted((b for b in between if str(b.target) in norms), key=order.__getitem__)
+        ],
+    )
+
+
+def _forward_reason(start: fx.Node, root: nn.Module, input_reasons: dict[str, str]) -> str:
+    """Why the outputs of layer ``start`` are in no chain, following them forward."""
+    layer = root.get_submodule(str(start.target))
+    kind = "linear" if type(layer) in LINEAR else "conv"
+    current = start
     while True:
         users = list(current.users)
         if len(users) != 1:
@@ -255,27 +356,20 @@ def _walk(start: fx.Node, root: nn.Module, kind: str, calls: dict[str, int], sha
         user = users[0]
         if user.op == "call_module":
             module = root.get_submodule(str(user.target))
-            if type(module) is type(producer) and user.args == (current,) and not user.kwargs:
-                reason = _module_reason(root, str(user.target), calls, shared)
-                if reason is not None:
-                    return reason
-                return Chain(kind, str(start.target), str(user.target), between, norms)
-            if kind == "conv" and type(module) is NORMS[type(producer)]:
-                reason = _module_reason(root, str(user.target), calls, shared)
-                if reason is None and not module.track_running_stats:
-                    reason = f"{user.target} has no running statistics (track_running_stats=False)"
-                if reason is None and (user.args != (current,) or user.kwargs):
-                    reason = f"{user.target} takes other arguments"
-                if reason is not None:
-                    return reason
-                norms.append(str(user.target))
-                between.append(user)
+            if type(module) is type(layer):
+                return f"{user.target} cannot take a smaller input: {input_reasons.get(str(user.target), 'unknown')}"
+            if kind == "conv" and type(module) is NORMS[type(layer)]:
                 current = user
                 continue
+        if user.op == "output":
+            return "its output is a model output"
+        inputs = tensor_inputs(user)
+        if _is_binary(user, inputs):
+            current = user
+            continue
         why = _is_elementwise(user, current, root, kind)
         if why is not None:
             return f"the output of {describe(current, root)} feeds {describe(user, root)}: {why}"
-        between.append(user)
         current = user
 
 

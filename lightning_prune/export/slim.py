@@ -28,7 +28,17 @@ import torch
 from torch import Tensor, fx, nn
 
 from lightning_prune.export.attention import SlimMultiheadAttention
-from lightning_prune.export.chains import CONVS, LINEAR, NORMS, Chain, GraphFindings, find_chains, trace
+from lightning_prune.export.chains import (
+    CONVS,
+    LINEAR,
+    NORMS,
+    ZERO_PRODUCT_OPS,
+    Chain,
+    GraphFindings,
+    find_chains,
+    tensor_inputs,
+    trace,
+)
 
 #: Largest allowed difference between the original's and the slim model's outputs, relative to
 #: ``1 + max |original output|``: summation order changes with the hidden size.
@@ -53,6 +63,7 @@ class SlimmedChain:
         params_before: parameters of ``layers`` before.
         params_after: after.
         note: units that look removable but were kept, and why.
+        producers: how many of ``layers`` (from the start) produce the hidden units: 2 for a gated FFN.
     """
 
     kind: str
@@ -63,6 +74,7 @@ class SlimmedChain:
     params_before: int
     params_after: int
     note: str = ""
+    producers: int = 1
 
     @property
     def unit(self) -> str:
@@ -104,7 +116,7 @@ class SlimResult:
         if not self.changed:
             lines.append("nothing to remove: the model is an unchanged copy")
         for chain in self.chains:
-            path = " -> ".join(chain.layers)
+            path = " -> ".join((", ".join(chain.layers[: chain.producers]), *chain.layers[chain.producers :]))
             sizes = f"{chain.before} -> {chain.after} {chain.unit}"
             folded = f", {chain.folded} folded into a bias" if chain.folded else ""
             params = f"params {chain.params_before:,} -> {chain.params_after:,}"
@@ -224,21 +236,43 @@ def _round_keep(keep: Tensor, score: Tensor, round_to: int, width: int = 1) -> T
     return keep
 
 
-def _run_between(root: nn.Module, chain: Chain, values: Tensor, ndim: int) -> Tensor:
-    """The chain's in-between ops applied to one constant per unit: what a constant unit emits."""
-    hidden = values.numel()
-    shape = (1, hidden) if chain.kind == "linear" else (1, hidden, *([1] * (ndim - 2)))
-    current = values.reshape(shape)
+def _constants(
+    root: nn.Module, chain: Chain, producers: list[nn.Module], hidden: int
+) -> tuple[Tensor, Tensor]:
+    """``(known, value)`` per hidden unit at the consumer's input: units that are the same for every input.
+
+    A producer unit with an all-zero row/filter emits its bias. The chain's own ops are then run on
+    one value per unit, which is exact because they act on every unit alone; a product is also
+    known (zero) when either factor is known to be zero.
+    """
+    weight = producers[0].weight
+    shape = (1, hidden) if chain.kind == "linear" else (1, hidden, *([1] * (weight.dim() - 2)))
+    known: dict[fx.Node, Tensor] = {}
+    value: dict[fx.Node, Tensor] = {}
+    for node, layer in zip(chain.producer_nodes, producers, strict=True):
+        rows = _zero_slices(layer.weight.detach(), 0)
+        bias = torch.zeros_like(rows, dtype=weight.dtype) if layer.bias is None else layer.bias.detach()
+        known[node] = rows
+        value[node] = torch.where(rows, bias, torch.zeros_like(bias)).reshape(shape)
     for node in chain.between:
-        value = current
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda _, value=value: value)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: value[n].clone())
         if node.op == "call_module":
-            current = root.get_submodule(str(node.target))(*args, **kwargs)
+            out = root.get_submodule(str(node.target))(*args, **kwargs)
         elif node.op == "call_function":
-            current = node.target(*args, **kwargs)  # type: ignore[operator]
+            out = node.target(*args, **kwargs)  # type: ignore[operator]
         else:
-            current = getattr(args[0], str(node.target))(*args[1:], **kwargs)
-    return current.reshape(hidden)
+            out = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        inputs = tensor_inputs(node)
+        state = torch.stack([known[n] for n in inputs]).all(0)
+        if node.target in ZERO_PRODUCT_OPS:
+            for n in inputs:
+                state |= known[n] & value[n].reshape(hidden).eq(0)
+        known[node] = state
+        value[node] = torch.where(state, out.reshape(hidden), torch.zeros_like(out.reshape(hidden))).reshape(
+            shape
+        )
+    last = chain.between[-1] if chain.between else chain.producer_nodes[0]
+    return known[last], value[last].reshape(hidden)
 
 
 def _constant_input_is_exact(layer: nn.Module) -> bool:
@@ -316,30 +350,24 @@ def _resized_norm(norm: nn.Module, index: Tensor) -> nn.Module:
 
 
 def _shrink_chain(root: nn.Module, chain: Chain, round_to: int) -> SlimmedChain:
-    producer = root.get_submodule(chain.producer)
+    producers = [root.get_submodule(n) for n in chain.producers]
     consumer = root.get_submodule(chain.consumer)
     norms = [root.get_submodule(n) for n in chain.norms]
-    layers = (chain.producer, *chain.norms, chain.consumer)
+    layers = (*chain.producers, *chain.norms, chain.consumer)
     params_before = sum(_count(root.get_submodule(n).parameters()) for n in layers)
-    w1, w2 = producer.weight.detach(), consumer.weight.detach()
-    hidden = w1.shape[0]
+    w2 = consumer.weight.detach()
+    hidden = w2.shape[1]
     dead = _zero_slices(w2, 1)  # the consumer ignores these units
-    constant = _zero_slices(w1, 0)  # these units emit the same value for every input
-    bias = (
-        torch.zeros(hidden, dtype=w1.dtype, device=w1.device)
-        if producer.bias is None
-        else producer.bias.detach()
-    )
-    emitted = _run_between(root, chain, torch.where(constant, bias, torch.zeros_like(bias)), w1.dim())
+    constant, emitted = _constants(root, chain, producers, hidden)  # these are the same for every input
     silent = constant & emitted.eq(0)
     exact_fold = _constant_input_is_exact(consumer)
     foldable = constant & torch.isfinite(emitted) & (silent | exact_fold)
     keep = ~(dead | foldable)
-    score = w1.double().reshape(hidden, -1).square().sum(1) + w2.double().transpose(0, 1).reshape(
-        hidden, -1
-    ).square().sum(1)
-    if producer.bias is not None:
-        score += bias.double().square()
+    score = w2.double().transpose(0, 1).reshape(hidden, -1).square().sum(1)
+    for layer in producers:
+        score += layer.weight.detach().double().reshape(hidden, -1).square().sum(1)
+        if layer.bias is not None:
+            score += layer.bias.detach().double().square()
     keep = _round_keep(keep, score, round_to)
     notes = []
     unfoldable = int((constant & ~foldable & ~dead).sum())
@@ -359,17 +387,26 @@ def _shrink_chain(root: nn.Module, chain: Chain, round_to: int) -> SlimmedChain:
         if bool(fold.any()):
             per_unit = w2.double()[:, fold].reshape(w2.shape[0], int(fold.sum()), -1).sum(-1)
             extra = per_unit @ emitted.double()[fold]
-        _replace(root, chain.producer, _resized(producer, index, None, None))
+        for name, layer in zip(chain.producers, producers, strict=True):
+            _replace(root, name, _resized(layer, index, None, None))
         for name, norm in zip(chain.norms, norms, strict=True):
             _replace(root, name, _resized_norm(norm, index))
         _replace(root, chain.consumer, _resized(consumer, None, index, extra))
         if extra is not None and consumer.bias is None:
             notes.append(f"{chain.consumer} gained a bias for the folded constants")
     params_after = sum(_count(root.get_submodule(n).parameters()) for n in layers)
+    folded = int(fold.sum()) if after < hidden else 0
     return SlimmedChain(
-        chain.kind, layers, hidden, after, int(fold.sum()) if after < hidden else 0,
-        params_before, params_after, "; ".join(notes),
-    )  # fmt: skip
+        chain.kind,
+        layers,
+        hidden,
+        after,
+        folded,
+        params_before,
+        params_after,
+        "; ".join(notes),
+        len(producers),
+    )
 
 
 def _attention_parts(mha: nn.MultiheadAttention) -> tuple[list[Tensor], list[Tensor | None]]:
@@ -479,7 +516,7 @@ def _not_shrunk_reason(root: nn.Module, name: str, findings: GraphFindings, reas
 
 def _untouched(root: nn.Module, findings: GraphFindings, chains: list[SlimmedChain]) -> dict[str, str]:
     """Layers with zero rows, columns or heads that slim left as they are, with why."""
-    producers = {c.layers[0] for c in chains}
+    producers = {name for c in chains for name in c.layers[: c.producers]}
     consumers = {c.layers[-1] for c in chains}
     skipped: dict[str, str] = {}
     attention = [
