@@ -31,7 +31,6 @@ from lightning_prune.export.attention import SlimMultiheadAttention
 from lightning_prune.export.chains import (
     CONVS,
     LINEAR,
-    NORMS,
     ZERO_PRODUCT_OPS,
     Chain,
     GraphFindings,
@@ -39,6 +38,7 @@ from lightning_prune.export.chains import (
     tensor_inputs,
     trace,
 )
+from lightning_prune.export.resize import replace_module, resized_layer, resized_norm
 
 #: Largest allowed difference between the original's and the slim model's outputs, relative to
 #: ``1 + max |original output|``: summation order changes with the hidden size.
@@ -207,11 +207,6 @@ def _count(params: Any) -> int:
     return sum(p.numel() for p in params)
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
-
-
 def _zero_slices(weight: Tensor, dim: int) -> Tensor:
     """Bool per index of ``dim``: whether that whole slice of ``weight`` is zero."""
     return weight.transpose(0, dim).reshape(weight.shape[dim], -1).eq(0).all(dim=1)
@@ -288,67 +283,6 @@ def _constant_input_is_exact(layer: nn.Module) -> bool:
     return all(p == 0 for p in layer.padding)
 
 
-def _resized(
-    layer: nn.Module, out_index: Tensor | None, in_index: Tensor | None, extra_bias: Tensor | None
-) -> nn.Module:
-    """A new Linear/ConvNd holding the selected output rows and input columns of ``layer``."""
-    weight = layer.weight.detach()
-    bias = None if layer.bias is None else layer.bias.detach()
-    if out_index is not None:
-        weight = weight.index_select(0, out_index)
-        bias = None if bias is None else bias.index_select(0, out_index)
-    if in_index is not None:
-        weight = weight.index_select(1, in_index)
-    if extra_bias is not None:
-        base = torch.zeros_like(extra_bias) if bias is None else bias.double()
-        bias = (base + extra_bias).to(weight.dtype)
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    if isinstance(layer, nn.Linear):
-        new: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **factory)
-    else:
-        new = type(layer)(
-            weight.shape[1],
-            weight.shape[0],
-            kernel_size=layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=1,
-            bias=bias is not None,
-            padding_mode=layer.padding_mode,
-            **factory,
-        )
-    new.weight.copy_(weight)
-    new.weight.requires_grad_(layer.weight.requires_grad)
-    if bias is not None:
-        new.bias.copy_(bias)
-        new.bias.requires_grad_(
-            layer.weight.requires_grad if layer.bias is None else layer.bias.requires_grad
-        )
-    return new.train(layer.training)
-
-
-def _resized_norm(norm: nn.Module, index: Tensor) -> nn.Module:
-    new = type(norm)(
-        len(index),
-        eps=norm.eps,
-        momentum=norm.momentum,
-        affine=norm.affine,
-        track_running_stats=norm.track_running_stats,
-        device=norm.running_mean.device,
-        dtype=norm.running_mean.dtype,
-    )
-    for attr in ("weight", "bias", "running_mean", "running_var"):
-        old = getattr(norm, attr)
-        if old is not None:
-            getattr(new, attr).copy_(old.detach().index_select(0, index))
-            if isinstance(old, nn.Parameter):
-                getattr(new, attr).requires_grad_(old.requires_grad)
-    if norm.num_batches_tracked is not None:
-        new.num_batches_tracked.copy_(norm.num_batches_tracked)
-    return new.train(norm.training)
-
-
 def _shrink_chain(root: nn.Module, chain: Chain, round_to: int) -> SlimmedChain:
     producers = [root.get_submodule(n) for n in chain.producers]
     consumer = root.get_submodule(chain.consumer)
@@ -388,10 +322,10 @@ def _shrink_chain(root: nn.Module, chain: Chain, round_to: int) -> SlimmedChain:
             per_unit = w2.double()[:, fold].reshape(w2.shape[0], int(fold.sum()), -1).sum(-1)
             extra = per_unit @ emitted.double()[fold]
         for name, layer in zip(chain.producers, producers, strict=True):
-            _replace(root, name, _resized(layer, index, None, None))
+            replace_module(root, name, resized_layer(layer, index, None, None))
         for name, norm in zip(chain.norms, norms, strict=True):
-            _replace(root, name, _resized_norm(norm, index))
-        _replace(root, chain.consumer, _resized(consumer, None, index, extra))
+            replace_module(root, name, resized_norm(norm, index))
+        replace_module(root, chain.consumer, resized_layer(consumer, None, index, extra))
         if extra is not None and consumer.bias is None:
             notes.append(f"{chain.consumer} gained a bias for the folded constants")
     params_after = sum(_count(root.get_submodule(n).parameters()) for n in layers)
@@ -489,7 +423,7 @@ def _shrink_attention(root: nn.Module, name: str, round_to: int) -> SlimmedChain
         new.out_proj.bias.copy_(base + (0 if extra is None else extra))
     for param in new.parameters():
         param.requires_grad_(mha.out_proj.weight.requires_grad)
-    _replace(root, name, new.train(mha.training))
+    replace_module(root, name, new.train(mha.training))
     padded = int((keep & (out_dead | value_zero)).sum())
     note = f"{padded} removable heads kept for round_to={round_to}" if padded else ""
     return SlimmedChain(
@@ -594,79 +528,3 @@ def _compare(reference: Any, output: Any) -> float:
             )
         worst = max(worst, diff)
     return worst
-
-
-def load_slim_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
-    """Resize a fresh instance of the original architecture to fit a slim state dict, and load it.
-
-    ``slim(...).model.state_dict()`` has the original's keys with smaller shapes (plus
-    ``kept_heads`` for attention with heads removed, and a bias where constants were folded into a
-    layer that had none). This replaces every Linear, ConvNd, BatchNormNd and MultiheadAttention of
-    ``model`` whose shapes differ by one of the right size, then loads with ``strict=True``.
-
-    Args:
-        model: a new instance of the model class that was slimmed (modified in place).
-        state_dict: the slim model's state dict.
-
-    Returns:
-        ``model``, resized and loaded.
-
-    Raises:
-        ValueError: when ``model`` is not a module or ``state_dict`` not a mapping.
-        RuntimeError: from ``load_state_dict`` when keys still do not match.
-    """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model={type(model).__name__} must be a torch.nn.Module")
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"state_dict={type(state_dict).__name__} must be a dict of tensors")
-    replaced: list[str] = []
-    for name, module in list(model.named_modules()):
-        if any(name.startswith(f"{r}.") for r in replaced):
-            continue
-        prefix = f"{name}." if name else ""
-        new = _fit(module, prefix, state_dict)
-        if new is not None:
-            _replace(model, name, new)
-            replaced.append(name)
-    model.load_state_dict(state_dict, strict=True)
-    return model
-
-
-def _fit(module: nn.Module, prefix: str, state: dict[str, Tensor]) -> nn.Module | None:
-    """A module shaped like ``state``'s entries under ``prefix``, or ``None`` when ``module`` fits."""
-    if isinstance(module, nn.MultiheadAttention) and f"{prefix}kept_heads" in state:
-        kept = state[f"{prefix}kept_heads"].tolist()
-        out_bias = f"{prefix}out_proj.bias" in state
-        weight = state[f"{prefix}out_proj.weight"]
-        return SlimMultiheadAttention(
-            module.embed_dim, module.head_dim, kept, module.num_heads, kdim=module.kdim, vdim=module.vdim,
-            in_bias=f"{prefix}in_proj_bias" in state, out_bias=out_bias, dropout=module.dropout,
-            batch_first=module.batch_first, device=weight.device, dtype=weight.dtype,
-        )  # fmt: skip
-    if type(module) in (*LINEAR, *CONVS) and f"{prefix}weight" in state:
-        weight = state[f"{prefix}weight"]
-        has_bias = f"{prefix}bias" in state
-        if weight.shape == module.weight.shape and has_bias == (module.bias is not None):
-            return None
-        with torch.no_grad():
-            return _resized_empty(module, weight, has_bias)
-    if type(module) in NORMS.values() and f"{prefix}running_mean" in state:
-        size = state[f"{prefix}running_mean"].shape[0]
-        if size == module.num_features:
-            return None
-        index = torch.zeros(size, dtype=torch.long, device=module.running_mean.device)
-        with torch.no_grad():
-            return _resized_norm(module, index)
-    return None
-
-
-def _resized_empty(module: nn.Module, weight: Tensor, has_bias: bool) -> nn.Module:
-    """A layer like ``module`` with ``weight``'s shape (values are loaded afterwards)."""
-    out_size, in_size = weight.shape[0], weight.shape[1]
-    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
-    if isinstance(module, nn.Linear):
-        return nn.Linear(in_size, out_size, bias=has_bias, **factory)
-    return type(module)(
-        in_size, out_size, kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
-        dilation=module.dilation, groups=1, bias=has_bias, padding_mode=module.padding_mode, **factory,
-    )  # fmt: skip
