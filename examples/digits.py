@@ -11,6 +11,7 @@ import argparse
 import logging
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,12 +20,21 @@ from rich.table import Table
 
 from lightning_prune import PruningCallback
 from lightning_prune.demo import DigitsClassifier, DigitsDataModule
+from lightning_prune.files import write_atomically
 
 ARMS: list[tuple[str, str | None]] = [("dense", None), ("4x1", "4x1"), ("1x1", "1x1")]
+ROOT = Path(__file__).resolve().parent.parent
+#: Each arm's trainer folder; the callback writes its report under ``<run>/pruning/``.
+RUNS = ROOT / "runs" / "digits"
+#: The README's figure: the curve of the MLP's 4x1 arm, copied here by ``make demo``.
+README_FIGURE = ROOT / "docs" / "images" / "digits_mlp_4x1_curve.png"
 
 
 def run_arm(arch: str, pruning: dict[str, Any] | None, epochs: int, seed: int) -> dict[str, Any]:
     """Train one arm and return its row: sparsity over the pruned layers and validation accuracy.
+
+    The pruned arms leave ``curve.csv``, ``curve.png`` and ``layers.csv`` in
+    ``runs/digits/<model>-<pattern>-seed<seed>/pruning/``.
 
     Args:
         arch: ``"mlp"`` or ``"cnn"``.
@@ -35,7 +45,9 @@ def run_arm(arch: str, pruning: dict[str, Any] | None, epochs: int, seed: int) -
     pl.seed_everything(seed, verbose=False)
     model = DigitsClassifier(arch=arch)
     callbacks = [] if pruning is None else [PruningCallback(**pruning, verbose=False)]
+    pattern = "dense" if pruning is None else str(pruning.get("pattern", "4x1"))
     trainer = pl.Trainer(
+        default_root_dir=RUNS / f"{arch}-{pattern.replace(':', 'of')}-seed{seed}",
         max_epochs=epochs,
         callbacks=callbacks,
         logger=False,
@@ -55,7 +67,7 @@ def run_arm(arch: str, pruning: dict[str, Any] | None, epochs: int, seed: int) -
         achieved = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return {
         "model": arch,
-        "pattern": "dense" if pruning is None else str(pruning.get("pattern", "4x1")),
+        "pattern": pattern,
         "sparsity": achieved,
         "val_acc": float(trainer.callback_metrics["val_acc"]),
         "seconds": seconds,
@@ -102,6 +114,10 @@ def main() -> None:
             f"{row['seconds']:.1f}",
         )
     Console().print(table)
+    curve = RUNS / f"mlp-4x1-seed{args.seed}" / "pruning" / "curve.png"
+    if "mlp" in args.models and curve.is_file():
+        write_atomically(README_FIGURE, curve.read_bytes())
+        print(f"README figure: {README_FIGURE.relative_to(ROOT)} (from {curve.relative_to(ROOT)})")
 
 
 if __name__ == "__main__":
