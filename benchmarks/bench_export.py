@@ -62,7 +62,7 @@ def settings_for(device: str, quick: bool) -> Settings:
     if device == "cuda":
         shapes = ((8192, 4096, 14336), (8192, 4096, 4096), (8192, 14336, 4096), (2048, 4096, 4096), (256, 4096, 4096), (512, 1024, 1024))  # fmt: skip
         return Settings(4096, 16384, 8192, torch.bfloat16, (32, 128, 256, 56), 15, 20, shapes)
-    return Settings(512, 2048, 512, torch.float32, (4, 32, 64, 32), 15, 10, ())
+    return Settings(512, 2048, 512, torch.float32, (4, 32, 64, 32), 31, 10, ())
 
 
 @dataclass
