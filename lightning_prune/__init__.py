@@ -1,5 +1,6 @@
 """lightning_prune: prune a network while it trains, with a PyTorch Lightning callback."""
 
+from lightning_prune import export
 from lightning_prune.callback import PruningCallback
 from lightning_prune.config import PruningConfig
 from lightning_prune.criteria import (
@@ -46,6 +47,7 @@ __all__ = [
     "SnipMomentumCriterion",
     "SparsityReport",
     "UnstructuredPattern",
+    "export",
     "register_criterion",
     "sparsity_report",
 ]
