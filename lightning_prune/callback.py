@@ -114,7 +114,8 @@ class PruningCallback(Callback):
         regularizer_coeff: strength of a regularizer given by name (default ``1e-4``).
         monitor: metrics to pair with the sparsity at every validation run, by the name they are
             logged under (``"val_acc"``, or a list); ``None`` takes every metric logged during
-            validation, ``[]`` none. A name that is not logged fails at the sanity check.
+            validation, ``[]`` none. A name missing from the sanity check's validation warns (it may
+            be a training metric); missing at a real validation, it fails naming what is logged.
         save_report: at the end of fit, write ``pruning/curve.csv``, ``pruning/curve.png`` and
             ``pruning/layers.csv`` under ``trainer.log_dir`` (rank 0) and add the figure to any
             ``TensorBoardLogger``.
@@ -215,6 +216,8 @@ class PruningCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_strategy(trainer.strategy)
+            # A new fit starts a new history; a checkpoint restored after this brings its own back.
+            self.history = PruningHistory()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here the model is on its device and the optimizers exist; restored state may be waiting.

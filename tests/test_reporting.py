@@ -174,6 +174,15 @@ def test_resume_keeps_the_earlier_history(tmp_path: Path) -> None:
     assert len(rows) == len(second.history.rows)
 
 
+def test_a_second_fit_without_a_checkpoint_starts_a_new_history(tmp_path: Path) -> None:
+    callback = PruningCallback(**PRUNING)
+    for _ in range(2):
+        pl.seed_everything(0, verbose=False)
+        trainer = make_trainer([callback], default_root_dir=tmp_path, **{**RUN, "max_epochs": 2})
+        trainer.fit(DigitsClassifier(), DigitsDataModule())
+    assert [r["step"] for r in callback.history.rows if r["source"] == "validation"] == [6, 12]
+
+
 # --------------------------------------------------------------------------- sparsity_report
 def test_sparsity_report_counts_zeros_of_a_model_pruned_elsewhere() -> None:
     torch.manual_seed(0)
