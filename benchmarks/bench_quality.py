@@ -91,6 +91,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-inc", action="store_true", help="skip the INC arm even if its venv exists")
     parser.add_argument("--inc-python", type=Path, default=INC_PYTHON, help="interpreter of INC's venv")
     parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="only redraw the plot beside --output from this quality_results.csv (no training)",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=DEFAULT_OUTPUT,
@@ -118,6 +124,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             parser.error(f"--arms {args.arms!r} is not a regular expression: {error}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads} must be >= 1")
+    if args.replot is not None and not args.replot.is_file():
+        parser.error(f"--replot {args.replot} is not a file")
     if args.output.is_dir():
         parser.error(f"--output {args.output} is a folder; give the markdown file to update")
     return args
@@ -337,6 +345,29 @@ Notes:
 """
 
 
+def replot(csv_path: Path, png_path: Path) -> None:
+    """Redraw ``png_path`` from the per-seed rows of a ``quality_results.csv`` (no training)."""
+    import csv
+
+    by_task: dict[str, tuple[str, list[Result]]] = {}
+    with csv_path.open(encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            arm = Arm(
+                row["method"], row["criterion"], row["pattern"], float(row["target_sparsity"]), row["variant"]
+            )
+            metrics = {k: float(row[k]) for k in ("val_loss", "val_ppl", "val_acc") if row[k]}
+            result = Result(arm, int(row["seed"]), metrics, float(row["sparsity"]), float(row["fit_s"]))
+            result.error = row["error"] or None
+            by_task.setdefault(row["task"], (row["metric"], []))[1].append(result)
+    summaries = [
+        s for task, (metric, rows) in by_task.items() for s in summarize(task, metric, EXTRA[task], rows)
+    ]
+    better = {"val_acc": "higher", "val_loss": "lower"}
+    titles = {t: f"{t}: {m} ({better.get(m, '?')} is better)" for t, (m, _) in by_task.items()}
+    write_bytes_atomically(png_path, plot(summaries, png_path, titles))
+    print(f"wrote {png_path} from {csv_path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and write the CSV, the plot and this script's section of the results file.
 
@@ -345,6 +376,10 @@ def main(argv: list[str] | None = None) -> None:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.replot is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        replot(args.replot, args.output.parent / PNG_NAME)
+        return
     notes: list[str] = []
     inc_ok, inc_line = (False, "INC arm skipped: --no-inc") if args.no_inc else inc_status(args.inc_python)
     notes.append(inc_line)

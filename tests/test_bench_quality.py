@@ -18,8 +18,9 @@ SCRIPT = BENCHMARKS / "bench_quality.py"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_quality  # noqa: E402
-from quality.arms import quick_arms  # noqa: E402
+from quality.arms import Arm, quick_arms  # noqa: E402
 from quality.inc_arm import INC_PYTHON, inc_status  # noqa: E402
+from quality.report import Summary, target_checks  # noqa: E402
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
@@ -68,6 +69,11 @@ def test_quick_run_writes_table_csv_and_plot(tmp_path: Path) -> None:
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert not list(tmp_path.glob(".*.tmp")), "atomic writes leave no temporary file"
 
+    # The plot can be redrawn from the CSV alone.
+    (tmp_path / bench_quality.PNG_NAME).unlink()
+    bench_quality.main(["--replot", str(tmp_path / bench_quality.CSV_NAME), "--output", str(output)])
+    assert imread(tmp_path / bench_quality.PNG_NAME).ndim == 3
+
 
 @pytest.mark.parametrize(
     ("args", "named"),
@@ -84,6 +90,27 @@ def test_bad_arguments_fail_early_naming_the_argument(
     with pytest.raises(SystemExit):
         bench_quality.parse_args(args)
     assert named in capsys.readouterr().err
+
+
+def summary(method: str, pattern: str, value: float, sparsity: float, target: float = 0.5) -> Summary:
+    """A GPT row with dense at 2.0."""
+    arm = Arm(method, "magnitude", pattern, target) if method != "dense" else Arm("dense")
+    return Summary("gpt", arm, "val_loss", value, sparsity, 1.0, value / 2.0 - 1.0, 0.0, 1, None)
+
+
+def test_target_checks_say_met_missed_and_not_comparable() -> None:
+    lines = target_checks(
+        [
+            summary("dense", "-", 2.0, 0.0),
+            summary("ours", "2:4", 2.2, 0.5),  # +10%: misses the 5% target by 5 points
+            summary("inc", "2:4", 2.1, 0.5),  # INC better at the same sparsity: a miss
+            summary("ours", "channelx1", 2.05, 0.5),
+            summary("inc", "channelx1", 2.01, 0.42),  # INC stopped short of 50%
+        ]
+    )
+    assert any("2:4 within 5%" in line and "missed by 5.00% points" in line for line in lines)
+    assert any("GPT 2:4: best of ours" in line and "missed: ours is" in line for line in lines)
+    assert any("GPT channelx1" in line and "not comparable" in line and "42.0%" in line for line in lines)
 
 
 def test_replace_section_keeps_the_rest() -> None:
