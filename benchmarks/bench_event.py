@@ -19,11 +19,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results_file import write_section as write_results_section
 from torch import nn
 
 from lightning_prune import Pruner, PruningOptions, Schedule
@@ -98,20 +98,7 @@ def machine() -> str:
 
 def write_section(path: Path, text: str) -> None:
     """Replace this benchmark's section of ``path`` (atomically), keeping the rest."""
-    old = (
-        path.read_text()
-        if path.exists()
-        else "# Benchmark results\n\nEach section: the command, the machine, the numbers.\n"
-    )
-    section = f"{START}\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[: old.index(START)] + section + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip() + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(new)
-    os.replace(handle.name, path)
+    write_results_section(path, START, END, text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,6 @@ import random
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import PruningCallback
 from lightning_prune.demo import build_network
+from lightning_prune.files import write_atomically as write_file_atomically
 from lightning_prune.targets import select_targets
 
 START_MARKER = "<!-- bench_overhead:start -->"
@@ -581,18 +581,7 @@ def replace_section(text: str | None, section: str) -> str:
 
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_file_atomically(path, text)
 
 
 def update_results(path: Path, section: str) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import os
 import re
 import shlex
 import subprocess
@@ -58,6 +57,8 @@ from quality.report import (
     target_checks,
 )
 from quality.tasks import SIZES, TASKS, Task, make_task
+
+from lightning_prune.files import write_atomically as write_file_atomically
 
 START_MARKER = "<!-- bench_quality:start -->"
 END_MARKER = "<!-- bench_quality:end -->"
@@ -265,15 +266,7 @@ def update_results(path: Path, section: str) -> None:
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_file_atomically(path, data)
 
 
 def render_section(
