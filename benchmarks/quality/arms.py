@@ -49,6 +49,7 @@ class Arm:
         pattern: pattern name (``"-"`` for dense).
         target: final sparsity asked for.
         variant: ``""``, ``"progressive"`` or ``"group_lasso"``.
+        options: further ``PruningCallback`` arguments as ``(name, value)`` pairs (``bench_defaults.py``).
     """
 
     method: str
@@ -56,6 +57,7 @@ class Arm:
     pattern: str = "-"
     target: float = 0.0
     variant: str = ""
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
@@ -63,6 +65,8 @@ class Arm:
         if self.method == "dense":
             return "dense"
         suffix = f"+{self.variant}" if self.variant else ""
+        if self.options:
+            suffix += "[" + ",".join(f"{key}={value}" for key, value in self.options) + "]"
         return f"{self.method}/{self.criterion}/{self.pattern}{suffix}"
 
 
@@ -195,6 +199,7 @@ def ours_callback(arm: Arm) -> PruningCallback:
         progressive=arm.variant == "progressive",
         regularizer="group_lasso" if arm.variant == "group_lasso" else None,
         verbose=False,
+        **dict(arm.options),
     )
 
 
