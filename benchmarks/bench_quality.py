@@ -15,8 +15,8 @@ initial weights on the same batch stream with the same Adam for the same number 
   cases, when ``benchmarks/.venv-inc`` exists (``bash benchmarks/setup_inc.sh``); it runs there in a
   plain loop (``quality/inc_arm.py``).
 
-Every pruning arm uses the callback's default window: about 20 events from step 0 to 3/4 of
-training on the ``exp`` curve, then a quarter of fine-tuning at the target.
+Every pruning arm uses the callback's default window: about 20 events from step 0 to 9/10 of
+training on the ``exp`` curve, then a tenth of fine-tuning at the target.
 
 Run ``python benchmarks/bench_quality.py`` (about 20 minutes on 2 CPU cores; ``--threads 1`` on a
 shared machine), ``--quick`` for a few-second smoke run. It writes ``quality_results.csv`` (one row

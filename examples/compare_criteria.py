@@ -2,7 +2,7 @@
 
 Run ``python examples/compare_criteria.py`` (about 5 minutes on 2 CPU cores with the defaults).
 All arms share the seed, the split, the data order, the optimizer and the number of steps; each
-prunes with the callback's default window (first 3/4 of training) and curve.
+prunes with the callback's default window (first 9/10 of training) and curve.
 """
 
 from __future__ import annotations

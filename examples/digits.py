@@ -1,8 +1,8 @@
 """Dense vs pruned on scikit-learn's bundled digits: an MLP and a small CNN at 90% sparsity.
 
 Run ``make demo`` (or ``python examples/digits.py``). Every arm uses the same seed, data order,
-optimizer and number of steps; the pruned arms prune during the first 3/4 of training with the
-callback's defaults and fine-tune in the last quarter.
+optimizer and number of steps; the pruned arms prune during the first 9/10 of training with the
+callback's defaults and fine-tune in the last tenth.
 """
 
 from __future__ import annotations

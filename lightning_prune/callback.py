@@ -93,7 +93,7 @@ class PruningCallback(Callback):
         start_step: optimizer step where sparsity starts to rise. An int is a step; a float in
             ``(0, 1]`` is that fraction of ``trainer.estimated_stepping_batches``; ``None`` is 0.
         end_step: optimizer step of the last event, where ``target_sparsity`` is reached. Same forms as
-            ``start_step``; ``None`` is 3/4 of training, leaving the last quarter to fine-tune.
+            ``start_step``; ``None`` is 9/10 of training, leaving the last tenth to fine-tune.
             ``end_step == start_step`` prunes once (one-shot); one-shot at 0 prunes before training.
         frequency: optimizer steps between events; ``None`` gives about 20 events in the window.
         sparsity_curve: how sparsity rises between events: ``"exp"``, ``"cos"``, ``"linear"``,

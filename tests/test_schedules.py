@@ -96,9 +96,9 @@ def test_events_end_at_target_and_rise(start: int, length: int, frequency: int, 
     assert all(b >= a - 1e-12 for a, b in itertools.pairwise(values))
 
 
-def test_resolve_defaults_prune_through_three_quarters_with_about_20_events() -> None:
+def test_resolve_defaults_prune_through_nine_tenths_with_about_20_events() -> None:
     schedule = resolve_schedule(None, None, None, "exp", total_steps=1000)
-    assert (schedule.start_step, schedule.end_step) == (0, 750)
+    assert (schedule.start_step, schedule.end_step) == (0, 900)
     assert len(schedule.event_steps()) == 20
 
 
