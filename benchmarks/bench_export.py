@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_file import cpu_model
 from results_file import write_section as write_results_section
 from torch import nn
 
@@ -196,12 +197,7 @@ def semi_structured_rows(settings: Settings, device: str) -> list[Row]:
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name() if device == "cuda" else "none"
     return (
         f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; GPU: {gpu}; "

@@ -41,6 +41,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning
+from results_file import cpu_model
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -468,13 +469,6 @@ def run_rounds(models: Sequence[str], rounds: int, warmup: int, steps: int, seed
 
 
 # ---------------------------------------------------------------------------------------- reporting
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def machine_line(default_threads: int) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import platform
 from pathlib import Path
 
 from lightning_prune.files import write_atomically
@@ -21,3 +23,12 @@ def write_section(path: Path, start: str, end: str, text: str) -> None:
     else:
         new = old.rstrip() + "\n\n" + section + "\n"
     write_atomically(path, new)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

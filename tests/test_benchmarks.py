@@ -12,6 +12,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def load_script(name: str) -> ModuleType:
     """Import ``benchmarks/<name>.py`` as a module (the folder is not a package)."""
+    if str(BENCHMARKS) not in sys.path:  # as when run as a script: its siblings are importable
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
