@@ -87,6 +87,11 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument(
+        "--figure",
+        default=str(README_FIGURE.relative_to(ROOT)),
+        help="where to copy the MLP 4x1 arm's curve.png (relative to the repository); '' for nowhere",
+    )
     args = parser.parse_args()
 
     quiet_lightning()
@@ -115,9 +120,9 @@ def main() -> None:
         )
     Console().print(table)
     curve = RUNS / f"mlp-4x1-seed{args.seed}" / "pruning" / "curve.png"
-    if "mlp" in args.models and curve.is_file():
-        write_atomically(README_FIGURE, curve.read_bytes())
-        print(f"README figure: {README_FIGURE.relative_to(ROOT)} (from {curve.relative_to(ROOT)})")
+    if args.figure and "mlp" in args.models and curve.is_file():
+        write_atomically(ROOT / args.figure, curve.read_bytes())
+        print(f"figure: {args.figure} (from {curve.relative_to(ROOT)})")
 
 
 if __name__ == "__main__":
