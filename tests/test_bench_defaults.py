@@ -24,8 +24,8 @@ def test_quick_sweep_writes_its_section_and_csv(tmp_path: Path) -> None:
     rows = [line for line in section.splitlines() if line.startswith("| curve |")]
     # One row per pattern swept (1x1, 4x1), each with both seeds' changes.
     assert [row.split("`")[1] for row in rows] == [
-        "ours/magnitude/1x1[sparsity_curve=cube]",
-        "ours/magnitude/4x1[sparsity_curve=cube]",
+        "ours/magnitude/1x1[sparsity_curve=cube,end_step=0.75]",
+        "ours/magnitude/4x1[sparsity_curve=cube,end_step=0.75]",
     ]
     assert all(row.count("%") == 4 for row in rows)  # sparsity, median, and two seeds
     with (tmp_path / "defaults_results.csv").open() as handle:
