@@ -348,7 +348,8 @@ class Pruner:
         Counted from the weights, not the masks: under a progressive fade the weights reach an
         event's masks over the fade, and a weight can be zero without being pruned.
         """
-        zeros = torch.stack([(t.param == 0).sum().cpu() for t in self.targets]).tolist()  # one sync
+        device = self.targets[0].param.device
+        zeros = torch.stack([(t.param == 0).sum().to(device) for t in self.targets]).tolist()  # one sync
         sizes = [t.param.numel() for t in self.targets]
         layers = {t.name: z / n for t, z, n in zip(self.targets, zeros, sizes, strict=True)}
         return sum(zeros) / sum(sizes), layers
