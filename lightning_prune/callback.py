@@ -316,7 +316,7 @@ class PruningCallback(Callback):
             )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruner is None:
+        if self.pruner is None or not (self.verbose or self.save_report):
             return
         report = self.layer_report(pl_module)
         if self.verbose:
