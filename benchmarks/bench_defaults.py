@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import load_line, machine_line, quiet_lightning
 from quality.arms import Arm, run_arm
 from quality.tasks import make_task
+from results_file import write_section
 
 from lightning_prune.files import write_atomically
 
@@ -103,7 +104,6 @@ def render(
 ) -> str:
     dense = {r["seed"]: r["val_loss"] for r in rows if r["arm"] == "dense"}
     lines = [
-        START,
         "## Choosing the defaults: curve, window, group-lasso strength (`bench_defaults.py`)",
         "",
         f"Command: `{command}` ({minutes:.1f} min)"
@@ -131,14 +131,8 @@ def render(
         lines.append(
             f"| {question} | `{arm.name}` | {sparsity:.1%} | {statistics.median(changes):+.2%} | {per_seed} |"
         )
-    lines += ["", END]
+    lines.append("")
     return "\n".join(lines)
-
-
-def replace_section(text: str, section: str) -> str:
-    if START in text and END in text:
-        return text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    return text.rstrip("\n") + "\n\n" + section + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -179,8 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for r in csv.DictReader(handle)
             ]
         section = render(rows, arms, seeds, command.strip(), None, args.size, args.jobs)
-        old = args.output.read_text() if args.output.exists() else "# Benchmark results\n"
-        write_atomically(args.output, replace_section(old, section))
+        write_section(args.output, START, END, section)
         print(section)
         return
     started = time.perf_counter()
@@ -200,8 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_atomically(args.output.parent / CSV_NAME, buffer.getvalue())
     minutes = (time.perf_counter() - started) / 60
     section = render(rows, arms, seeds, command.strip(), minutes, args.size, args.jobs)
-    old = args.output.read_text() if args.output.exists() else "# Benchmark results\n"
-    write_atomically(args.output, replace_section(old, section))
+    write_section(args.output, START, END, section)
     print(section)
 
 

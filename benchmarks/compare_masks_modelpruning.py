@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelPruning
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -30,6 +30,7 @@ from quality.arms import (
     StreamBatches,
     TaskModule,
     modelpruning_amounts,
+    modelpruning_callback,
     ours_callback,
     pruning_schedule,
     target_layers,
@@ -61,15 +62,7 @@ def train(kind: str, steps: int) -> tuple[list[int], dict[int, list[Tensor]]]:
     if kind == "ours":
         pruning: Callback = ours_callback(Arm("ours", "magnitude", "1x1", 0.9))
     else:
-        amounts = modelpruning_amounts(schedule, 0.9)
-        pruning = ModelPruning(
-            "l1_unstructured",
-            parameters_to_prune=[(layer, "weight") for layer in layers],
-            amount=lambda epoch: amounts[epoch] if epoch < len(amounts) else 0.0,
-            apply_pruning=lambda epoch: epoch < len(amounts),
-            use_global_unstructured=True,
-            verbose=0,
-        )
+        pruning = modelpruning_callback(layers, modelpruning_amounts(schedule, 0.9))
     loader = DataLoader(StreamBatches(task), batch_size=None, sampler=ContinuingSampler(schedule.frequency))
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(

@@ -187,6 +187,18 @@ def modelpruning_amounts(schedule: Schedule, target: float) -> list[float]:
     return amounts
 
 
+def modelpruning_callback(layers: list[nn.Module], amounts: list[float]) -> ModelPruning:
+    """Lightning's global l1 ``ModelPruning`` on ``layers``, pruning ``amounts[epoch]`` at each epoch end."""
+    return ModelPruning(
+        "l1_unstructured",
+        parameters_to_prune=[(layer, "weight") for layer in layers],
+        amount=lambda epoch: amounts[epoch] if epoch < len(amounts) else 0.0,
+        apply_pruning=lambda epoch: epoch < len(amounts),
+        use_global_unstructured=True,
+        verbose=0,
+    )
+
+
 def ours_callback(arm: Arm) -> PruningCallback:
     """``PruningCallback`` for ``arm``: window, frequency and curve left at the callback's defaults."""
     criterion: Any = arm.criterion
@@ -277,17 +289,7 @@ def run_arm(task: Task, arm: Arm, seed: int, root: str) -> Result:
     elif arm.method == "modelpruning":
         amounts = modelpruning_amounts(schedule, arm.target)
         recorder = EventRecorder(amounts)
-        callbacks += [
-            ModelPruning(
-                "l1_unstructured",
-                parameters_to_prune=[(layer, "weight") for layer in layers],
-                amount=lambda epoch: amounts[epoch] if epoch < len(amounts) else 0.0,
-                apply_pruning=lambda epoch: epoch < len(amounts),
-                use_global_unstructured=True,
-                verbose=0,
-            ),
-            recorder,
-        ]
+        callbacks += [modelpruning_callback(layers, amounts), recorder]
     elif arm.method != "dense":
         raise ValueError(f"arm {arm.name!r}: method {arm.method!r} does not train in Lightning")
     sampler = ContinuingSampler(schedule.frequency)
