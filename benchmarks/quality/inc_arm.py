@@ -145,6 +145,7 @@ def main(argv: list[str]) -> None:
     import re
 
     from neural_compressor.training import WeightPruningConfig
+
     from quality.tasks import make_task
 
     parser = argparse.ArgumentParser(description=__doc__)
