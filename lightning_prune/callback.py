@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig
 from torch.optim import Optimizer
 
+from lightning_prune.checks import check_int
 from lightning_prune.config import PruningConfig, config_to_kwargs
 from lightning_prune.criteria import Criterion
 from lightning_prune.files import write_atomically
 from lightning_prune.history import EVENT, VALIDATION, PruningHistory
 from lightning_prune.init_scoring import score_at_init
+from lightning_prune.lifecycle import (
+    check_legacy_settings,
+    check_state_step,
+    choose_schedule,
+    migrate_legacy_key,
+    saved_schedule,
+    steps_per_batch,
+    total_steps,
+)
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import Pattern
 from lightning_prune.plots import curve_figure, figure_png, figure_rgb
@@ -28,8 +39,20 @@ from lightning_prune.progressive import Progressive
 from lightning_prune.pruner import Pruner, PruningEvent
 from lightning_prune.regularizers import Regularizer
 from lightning_prune.report import SparsityReport, sparsity_report
-from lightning_prune.schedules import check_curve, check_step_spec, is_known_length, resolve_schedule
+from lightning_prune.schedules import (
+    Schedule,
+    check_curve,
+    check_step_spec,
+    is_known_length,
+    resolve_schedule,
+)
+from lightning_prune.state import compare_settings
 from lightning_prune.targets import DEFAULT_OP_TYPES
+
+#: How close (difflib ratio) a missing monitor name must be to a logged one to be called a typo.
+TYPO_CUTOFF = 0.85
+#: The key of the callback's state in a checkpoint; the same whatever the settings.
+STATE_KEY = "PruningCallback"
 
 
 def check_strategy(strategy: Strategy) -> None:
@@ -84,14 +107,17 @@ class PruningCallback(Callback):
         pattern: shape of the zeros: ``"1x1"`` (unstructured), ``"NxM"`` blocks of N output rows by M
             input columns (e.g. ``"4x1"``), ``"channelx1"`` (whole input channels), ``"1xchannel"``
             (whole output channels/filters), ``"N:M"`` (at most N non-zeros per M consecutive input
-            weights, e.g. ``"2:4"``), or a ``Pattern`` object.
+            weights, e.g. ``"2:4"``), or a ``Pattern`` object. (An int is taken only to explain that
+            YAML read an unquoted ``2:4`` as the base-60 number 124.)
         criterion: how weights are scored: ``"magnitude"`` (|W|), ``"gradient"`` (|G|), ``"snip"``
             (|W*G|), ``"snip_momentum"`` (``S = 1.0*S + 0.9*|W*G|`` each step), ``"movement"``
             (``S -= W*G`` each step), or a ``Criterion`` object such as
             ``SnipMomentumCriterion(alpha=0.9, beta=1.0)``. Gradient criteria accumulate on every
-            real optimizer step; an event at step 0 scores on ``init_batches`` batches first.
+            real optimizer step; an event due before a fit's first step (at step 0, or catching up
+            on a run resumed without pruning state) scores on ``init_batches`` batches first.
         start_step: optimizer step where sparsity starts to rise. An int is a step; a float in
-            ``(0, 1]`` is that fraction of ``trainer.estimated_stepping_batches``; ``None`` is 0.
+            ``(0, 1]`` is that fraction of the run's optimizer steps (under manual optimization,
+            batches times optimizers); ``None`` is 0.
         end_step: optimizer step of the last event, where ``target_sparsity`` is reached. Same forms as
             ``start_step``; ``None`` is 9/10 of training, leaving the last tenth to fine-tune.
             ``end_step == start_step`` prunes once (one-shot); one-shot at 0 prunes before training.
@@ -100,8 +126,9 @@ class PruningCallback(Callback):
             ``"cube"`` or ``"agp"`` (Zhu & Gupta 2017).
         scope: ``"global"`` ranks all targets together (layers end at different sparsities);
             ``"local"`` prunes every layer to the same sparsity.
-        include: regexes over qualified module names (``re.search``); only matching modules are pruned.
-        exclude: regexes over qualified module names that are never pruned.
+        include: a regex or list of regexes over qualified module names (``re.search``); only
+            matching modules are pruned.
+        exclude: a regex or list of regexes over qualified module names that are never pruned.
         op_types: module class names whose weights are pruned; subclasses count.
         skip_last_layer: leave the last matching module in registration order (the head) dense.
         min_sparsity_per_layer: least sparsity of any targeted layer (global scope).
@@ -131,15 +158,15 @@ class PruningCallback(Callback):
     def __init__(
         self,
         target_sparsity: float = 0.9,
-        pattern: str | Pattern = "4x1",
+        pattern: str | int | Pattern = "4x1",
         criterion: str | Criterion = "magnitude",
         start_step: int | float | None = None,
         end_step: int | float | None = None,
         frequency: int | None = None,
         sparsity_curve: str = "exp",
         scope: str = "global",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
         op_types: Sequence[str] = DEFAULT_OP_TYPES,
         skip_last_layer: bool = True,
         min_sparsity_per_layer: float = 0.0,
@@ -172,11 +199,7 @@ class PruningCallback(Callback):
         same_kind = self.start_step is not None and type(self.start_step) is type(self.end_step)
         if same_kind and self.end_step < self.start_step:  # type: ignore[operator]
             raise ValueError(f"end_step={end_step!r} is before start_step={start_step!r}")
-        if frequency is not None and (
-            isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1
-        ):
-            raise ValueError(f"frequency={frequency!r} must be an int >= 1 or null (about 20 events)")
-        self.frequency = frequency
+        self.frequency = check_int("frequency", frequency, minimum=1, none_means="about 20 events")
         self.sparsity_curve = check_curve(sparsity_curve)
         self.monitor = _check_monitor(monitor)
         for key, value in (("save_report", save_report), ("verbose", verbose)):
@@ -188,8 +211,17 @@ class PruningCallback(Callback):
         self.history = PruningHistory()
         #: The engine, built at the start of fit; ``None`` before.
         self.pruner: Pruner | None = None
-        self._pending_state: dict[str, Any] | None = None
         self._logged_events = 0
+        # State a checkpoint restored in the current stage, and that checkpoint's global_step.
+        self._restored: dict[str, Any] | None = None
+        self._checkpoint_step: int | None = None
+        # The trainer step where the last fit of self.pruner ended (a next fit may continue it).
+        self._fit_end_step: int | None = None
+        # Manual optimization: optimizer steps per batch the window was placed with, and the
+        # trainer step at the first batch's start, to tell the user when the assumption is wrong.
+        self._assumed_steps_per_batch = 1
+        self._first_batch_start: int | None = None
+        self._start_step: int | None = None
 
     @classmethod
     def from_config(cls, config: PruningConfig | Mapping[str, Any] | DictConfig) -> PruningCallback:
@@ -206,45 +238,125 @@ class PruningCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            target_sparsity=self.options.target_sparsity,
-            pattern=str(self.options.pattern),
-            criterion=type(self.options.criterion).__name__,
-        )
+        # Stable whatever the settings: Lightning hands the saved state back only under the same key,
+        # and the settings are compared on load, where a difference can be named.
+        return STATE_KEY
+
+    def _step_options(self) -> dict[str, str]:
+        """The window as given (not as resolved), compared on resume."""
+        return {
+            "start_step": repr(self.start_step),
+            "end_step": repr(self.end_step),
+            "frequency": repr(self.frequency),
+            "sparsity_curve": repr(self.sparsity_curve),
+        }
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning restores checkpoint state after this hook: whatever a former stage restored
+        # (validate(ckpt_path=...), say) must not leak into this one.
+        self._restored, self._checkpoint_step = None, None
         if stage == "fit":
             check_strategy(trainer.strategy)
-            # A new fit starts a new history; a checkpoint restored after this brings its own back.
-            self.history = PruningHistory()
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Called before load_state_dict, and only when a checkpoint is restored in this stage.
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
+        migrate_legacy_key(checkpoint.setdefault("callbacks", {}), self.state_key)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Here the model is on its device and the optimizers exist; restored state may be waiting.
-        total = trainer.estimated_stepping_batches
-        schedule = resolve_schedule(
-            self.start_step, self.end_step, self.frequency, self.sparsity_curve, total
-        )
-        # Manual optimization may step several optimizers per batch, which the estimate ignores.
-        if pl_module.automatic_optimization and is_known_length(total) and schedule.end_step > total:
+        # Here the model is on its device, the optimizers exist and a checkpoint's callback state has
+        # been restored; the trainer's own step comes back later (restore_training_state), so the
+        # checkpoint's global_step is read from the checkpoint itself.
+        if trainer.limit_train_batches == 0 or trainer.max_steps == 0:
+            rank_zero_info("lightning_prune: this fit takes no training step, so nothing is pruned")
+            self.pruner = None
+            return
+        start = self._checkpoint_step if self._checkpoint_step is not None else trainer.global_step
+        state, origin = self._starting_state(pl_module, start)
+        schedule = self._schedule(trainer, pl_module, state)
+        pruner = Pruner(pl_module, schedule, self.options)
+        if state is not None and "masks" in state:
+            check_state_step(state, start)
+            check_legacy_settings(state, self.options)
+            pruner.load_state_dict(state)
+        else:
+            pruner.start_at(start)
+        if origin != "previous fit":
+            self.history = PruningHistory()
+            self.history.load_state_dict(state.get("history", []) if state is not None else [])
+        self.pruner, self._start_step, self._fit_end_step = pruner, start, None
+        self._logged_events = len(pruner.events)
+        if self.verbose:
+            self._describe(pruner, origin)
+        if pruner.due_sparsity() is not None and self.options.criterion.needs_gradients:
+            score_at_init(trainer, pl_module, pruner)
+        for optimizer in trainer.optimizers:
+            # Lightning's on_before_optimizer_step feeds gradient criteria: with a closure the
+            # gradients only exist inside optimizer.step, after any pre-hook.
+            pruner.attach(optimizer, accumulate_before_step=False)
+
+    def _starting_state(self, pl_module: pl.LightningModule, start: int) -> tuple[dict[str, Any] | None, str]:
+        """The state this fit starts from and where it comes from (see lifecycle.py)."""
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            return restored, "checkpoint"
+        previous = self.pruner
+        if previous is not None and self._fit_end_step == start:
+            modules = {id(m) for m in pl_module.modules()}
+            if all(id(t.module) in modules for t in previous.targets):
+                state = {**previous.state_dict(), "step_options": self._step_options()}
+                return state, "previous fit"
+        return None, "fresh"
+
+    def _schedule(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None
+    ) -> Schedule:
+        if state is None or "masks" not in state:
+            state = None  # nothing pruned yet: nothing to keep
+        elif "step_options" in state:
+            compare_settings(state["step_options"], self._step_options(), "schedule settings")
+        per_batch = steps_per_batch(trainer, pl_module)
+        total = total_steps(trainer, per_batch)
+        try:
+            resolved: Schedule | ValueError = resolve_schedule(
+                self.start_step, self.end_step, self.frequency, self.sparsity_curve, total
+            )
+        except ValueError as error:
+            resolved = error
+        schedule, note = choose_schedule(resolved, saved_schedule(state))
+        if note is not None:
+            rank_zero_info(note)
+        uses_length = not all(isinstance(v, int) for v in (self.start_step, self.end_step, self.frequency))
+        self._assumed_steps_per_batch = per_batch if uses_length else 1
+        if per_batch > 1 and uses_length and self.verbose:
+            rank_zero_info(
+                f"lightning_prune: manual optimization with {per_batch} optimizers: the window is placed "
+                f"assuming each steps once per batch ({int(total) if is_known_length(total) else total} "
+                "steps in all); give int start_step/end_step/frequency to place it yourself"
+            )
+        if is_known_length(total) and schedule.end_step > total:
             rank_zero_warn(
                 f"end_step resolves to step {schedule.end_step}, after this run's last step "
                 f"({int(total)}): unless training resumes for longer, it ends "
                 f"below target_sparsity={self.options.target_sparsity}"
             )
-        self.pruner = Pruner(pl_module, schedule, self.options)
-        if self._pending_state is not None:
-            self.pruner.load_state_dict(self._pending_state)
-            self._pending_state = None
-        self._logged_events = len(self.pruner.events)
-        if self.verbose:
-            self._describe(self.pruner)
-        if self.pruner.step == 0 and schedule.is_event(0) and self.options.criterion.needs_gradients:
-            score_at_init(trainer, pl_module, self.pruner)
-        for optimizer in trainer.optimizers:
-            # Lightning's on_before_optimizer_step feeds gradient criteria: with a closure the
-            # gradients only exist inside optimizer.step, after any pre-hook.
-            self.pruner.attach(optimizer, accumulate_before_step=False)
+        return schedule
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruner is not None and trainer.global_step != self._start_step:
+            raise RuntimeError(
+                f"lightning_prune started counting at step {self._start_step}, but training starts at "
+                f"global_step {trainer.global_step}; please report this with your Lightning version"
+            )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._assumed_steps_per_batch > 1 and self._first_batch_start is None:
+            self._first_batch_start = trainer.global_step
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -268,6 +380,16 @@ class PruningCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._first_batch_start is not None and self._assumed_steps_per_batch > 1:
+            taken = trainer.global_step - self._first_batch_start
+            if taken != self._assumed_steps_per_batch:
+                rank_zero_warn(
+                    f"lightning_prune placed the pruning window assuming {self._assumed_steps_per_batch} "
+                    f"optimizer steps per batch (one per optimizer), but there were {taken} in the first "
+                    "batch: the window ends elsewhere in training than asked; give int start_step, "
+                    "end_step and frequency to place it exactly"
+                )
+            self._assumed_steps_per_batch = 1  # checked once
         if self.pruner is None or len(self.pruner.events) == self._logged_events:
             return
         for event in self.pruner.events[self._logged_events :]:
@@ -278,19 +400,7 @@ class PruningCallback(Callback):
         if self.pruner is None or trainer.state.fn != TrainerFn.FITTING:
             return
         available = trainer.callback_metrics
-        missing = [name for name in self.monitor or () if name not in available]
-        if missing and trainer.sanity_checking:
-            # Training metrics are not logged yet at the sanity check, so a typo only warns here.
-            rank_zero_warn(
-                f"monitor={list(self.monitor or ())!r}: {missing} not logged in the sanity check's "
-                f"validation (logged: {sorted(available)}); unless they are training metrics, "
-                "fit fails at the first validation"
-            )
-        elif missing:
-            raise ValueError(
-                f"monitor={list(self.monitor or ())!r}: {missing} not among the logged metrics "
-                f"{sorted(available)}; log them with self.log, or change monitor"
-            )
+        self._check_monitor_logged(trainer, available)
         if trainer.sanity_checking:
             return  # the values of an untrained model's sanity check are not history
         names = _validation_metric_names(trainer) if self.monitor is None else self.monitor
@@ -314,6 +424,32 @@ class PruningCallback(Callback):
             logger.log_metrics(
                 {"pruning/sparsity": sparsity, "pruning/target_sparsity": target}, step=trainer.global_step
             )
+
+    def _check_monitor_logged(self, trainer: pl.Trainer, available: Mapping[str, Any]) -> None:
+        missing = [name for name in self.monitor or () if name not in available]
+        if not missing:
+            return
+        asked = list(self.monitor or ())
+        if not trainer.sanity_checking:
+            raise ValueError(
+                f"monitor={asked!r}: {missing} not among the logged metrics {sorted(available)}; "
+                "log them with self.log, or change monitor"
+            )
+        # At the sanity check no training metric is logged yet, so only a near-miss of a logged
+        # name is surely a typo; anything else has to wait for the first real validation.
+        typos = {name: get_close_matches(name, list(available), n=1, cutoff=TYPO_CUTOFF) for name in missing}
+        typos = {name: close[0] for name, close in typos.items() if close}
+        if typos:
+            guesses = ", ".join(f"{name!r}: did you mean {close!r}" for name, close in typos.items())
+            raise ValueError(
+                f"monitor={asked!r}: {list(typos)} not logged in the sanity check's validation ({guesses}); "
+                f"logged: {sorted(available)}"
+            )
+        rank_zero_warn(
+            f"monitor={asked!r}: {missing} not logged in the sanity check's validation (logged: "
+            f"{sorted(available)}). Training metrics are not logged yet, so this is checked again at the "
+            "first validation after training starts, and fit fails there if they are still missing"
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruner is None or not (self.verbose or self.save_report):
@@ -339,8 +475,10 @@ class PruningCallback(Callback):
         rank_zero_info(f"lightning_prune: wrote curve.csv, curve.png and layers.csv to {folder}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.pruner is not None:
+        if stage == "fit" and self.pruner is not None:
             self.pruner.detach()
+            self._fit_end_step = trainer.global_step
+        self._restored, self._checkpoint_step, self._first_batch_start = None, None, None
 
     def layer_report(self, model: pl.LightningModule) -> SparsityReport:
         """:func:`~lightning_prune.sparsity_report` of ``model``'s ``op_types`` layers, with the pattern
@@ -384,7 +522,7 @@ class PruningCallback(Callback):
             f"{self.options.criterion.name}, {self.sparsity_curve} curve"
         )
 
-    def _describe(self, pruner: Pruner) -> None:
+    def _describe(self, pruner: Pruner, origin: str) -> None:
         schedule = pruner.schedule
         weights = sum(t.param.numel() for t in pruner.targets)
         window = (
@@ -397,20 +535,33 @@ class PruningCallback(Callback):
             f"{self.options.target_sparsity:.0%} with pattern {str(self.options.pattern)!r}, "
             f"criterion {self.options.criterion!r}, {self.options.scope} scope, {window}"
         )
+        if origin == "checkpoint":
+            rank_zero_info(f"lightning_prune: resumed the checkpoint's pruning state at step {pruner.step}")
+        elif origin == "previous fit":
+            rank_zero_info(
+                f"lightning_prune: continues the previous fit's pruning state at step {pruner.step}"
+            )
+        elif pruner.step > 0:
+            due = pruner.due_sparsity()
+            catch_up = f"; pruning now to the schedule's {due:.4f} there" if due is not None else ""
+            rank_zero_info(
+                f"lightning_prune: no pruning state to resume; counting from the trainer's step "
+                f"{pruner.step}{catch_up}"
+            )
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         if self.pruner is not None:
-            return {**self.pruner.state_dict(), "history": self.history.state_dict()}
-        return dict(self._pending_state or {}, history=self.history.state_dict())
+            state = self.pruner.state_dict()
+        elif self._restored is not None:
+            state = {k: v for k, v in self._restored.items() if k not in ("history", "step_options")}
+        else:
+            state = {}
+        return {**state, "step_options": self._step_options(), "history": self.history.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        self.history.load_state_dict(state_dict.pop("history", []))
-        if "masks" not in state_dict:
-            return  # saved before the pruner was built: nothing to restore but the history
-        if self.pruner is not None:
-            self.pruner.load_state_dict(state_dict)
-            self._logged_events = len(self.pruner.events)
-        else:
-            self._pending_state = state_dict
+        # Checked and applied at the start of fit, where the model, the trainer's step and the
+        # schedule are known; a state restored by another stage is dropped at the next setup.
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"pruning state must be a dict, got {type(state_dict).__name__}")
+        self._restored = dict(state_dict)

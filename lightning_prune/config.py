@@ -29,8 +29,9 @@ class PruningConfig:
     frequency: int | None = None
     sparsity_curve: str = "exp"
     scope: str = "global"
-    include: list[str] | None = None
-    exclude: list[str] | None = None
+    # A regex or a list of them (OmegaConf has no unions with containers), checked by the callback.
+    include: Any = None
+    exclude: Any = None
     op_types: list[str] = field(default_factory=lambda: list(DEFAULT_OP_TYPES))
     skip_last_layer: bool = True
     min_sparsity_per_layer: float = 0.0

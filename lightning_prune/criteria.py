@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lightning_prune.checks import check_int
 from lightning_prune.value import ValueObject
 
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -102,8 +103,7 @@ class AccumulatingCriterion(Criterion):
                 raise ValueError(f"{self.name} {key}={value!r} must be a number")
         if not isinstance(reset_after_event, bool):
             raise ValueError(f"{self.name} reset_after_event={reset_after_event!r} must be true or false")
-        if isinstance(init_batches, bool) or not isinstance(init_batches, int) or init_batches < 1:
-            raise ValueError(f"{self.name} init_batches={init_batches!r} must be an int >= 1")
+        init_batches = check_int(f"{self.name} init_batches", init_batches, minimum=1)  # type: ignore[assignment]
         if score_dtype not in SCORE_DTYPES:
             raise ValueError(f"{self.name} score_dtype={score_dtype!r} is not one of {sorted(SCORE_DTYPES)}")
         self.alpha, self.beta = float(alpha), float(beta)

@@ -61,7 +61,12 @@ class PruningOptions:
             "target_sparsity",
             check_fraction("target_sparsity", self.target_sparsity, upper_inclusive=False),
         )
-        set_(self, "pattern", parse_pattern(self.pattern))
+        pattern = self.pattern
+        if isinstance(pattern, str) and pattern.strip().isdigit() and int(pattern) >= 60:
+            # A str-typed config field (OmegaConf, Hydra) turned YAML's base-60 reading of an
+            # unquoted N:M into text: parse it as the number it was, for the same pointed error.
+            pattern = int(pattern)  # type: ignore[assignment]
+        set_(self, "pattern", parse_pattern(pattern))
         set_(self, "criterion", parse_criterion(self.criterion))
         if self.scope not in SCOPES:
             raise ValueError(f"scope={self.scope!r} is not one of {list(SCOPES)}")
@@ -95,6 +100,25 @@ class PruningOptions:
                 f"target_sparsity={target} is above {self.pattern.max_sparsity:g}, the most that pattern "
                 f"{str(self.pattern)!r} can reach (1 - N/M); use target_sparsity <= {self.pattern.max_sparsity:g}"
             )
+
+    def settings(self) -> dict[str, str]:
+        """The options that decide which weights are pruned (not which layers are targets), as text."""
+        return {
+            "target_sparsity": repr(self.target_sparsity),
+            "pattern": _describe(self.pattern),
+            "criterion": repr(self.criterion),
+            "scope": repr(self.scope),
+            "min_sparsity_per_layer": repr(self.min_sparsity_per_layer),
+            "max_sparsity_per_layer": repr(self.max_sparsity_per_layer),
+            "progressive": repr(self.progressive),
+            "regularizer": repr(self.regularizer),
+        }
+
+
+def _describe(pattern: Pattern) -> str:
+    # A pattern's repr shows its string only; its other settings (reduce) change results too.
+    fields = ", ".join(f"{key}={value!r}" for key, value in sorted(vars(pattern).items()))
+    return f"{type(pattern).__name__}({fields})"
 
 
 def _compiled(key: str, value: object) -> tuple[re.Pattern[str], ...]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_prune.checks import is_int
 from lightning_prune.patterns import Pattern, UnstructuredPattern
 
 KINDS = ("scores", "linear")
@@ -44,12 +45,10 @@ class Progressive:
     kind: str = "scores"
 
     def __post_init__(self) -> None:
-        if self.steps is not None and (
-            isinstance(self.steps, bool)
-            or not isinstance(self.steps, int)
-            or not 1 <= self.steps <= MAX_STEPS
-        ):
+        if self.steps is not None and (not is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS):
             raise ValueError(f"progressive steps={self.steps!r} must be an int in [1, {MAX_STEPS}]")
+        if self.steps is not None:
+            object.__setattr__(self, "steps", int(self.steps))  # frozen: NumPy ints become ints here
         if self.kind not in KINDS:
             raise ValueError(f"progressive kind={self.kind!r} is not one of {list(KINDS)}")
 

@@ -25,13 +25,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prune.masking import OptimizerTargets, step_mask, zero_pruned
 from lightning_prune.options import PruningOptions
 from lightning_prune.progressive import interval_mask, plan_fade, resolve_steps
 from lightning_prune.schedules import Schedule
+from lightning_prune.state import STATE_VERSION, check_header, check_state, compare_settings
 from lightning_prune.targets import Target, select_targets
 from lightning_prune.thresholds import LayerGroups, select_groups
 
-STATE_VERSION = 1
 #: Events over at least this many weights report their progress (about a second's work on a CPU).
 PROGRESS_MIN_WEIGHTS = 50_000_000
 
@@ -107,15 +108,14 @@ class Pruner:
             )
         if not self.targets:
             raise ValueError(f"pattern {str(pattern)!r} cannot tile any selected layer: {self.skipped}")
-        self.masks: list[Tensor] = [torch.ones_like(t.param, dtype=torch.bool) for t in self.targets]
-        # What the step hook multiplies by. CPU kernels mixing bool and float run unvectorised (about
-        # 20x slower than float * float, see benchmarks/RESULTS.md), so CPU weights get a copy of
-        # their mask in their own dtype; elsewhere the bool mask itself is used.
-        self._step_masks: list[Tensor] = [
-            m if t.param.device.type != "cpu" else torch.ones_like(t.param)
-            for t, m in zip(self.targets, self.masks, strict=True)
-        ]
         criterion = self.options.criterion
+        if criterion.needs_gradients:
+            self.targets = self._without_frozen(self.targets)
+        self.masks: list[Tensor] = [torch.ones_like(t.param, dtype=torch.bool) for t in self.targets]
+        # What the step hook multiplies by (see masking.py): the mask, or on CPU a 0/1 integer copy.
+        self._step_masks: list[Tensor] = [
+            step_mask(t.param, m) for t, m in zip(self.targets, self.masks, strict=True)
+        ]
         self.buffers: list[Tensor | None] = [criterion.init_buffer(t.param) for t in self.targets]
         #: Real optimizer steps taken (steps skipped by an AMP gradient scaler do not count).
         self.step = 0
@@ -139,6 +139,47 @@ class Pruner:
         self._fade_steps = 0  # the plan's own length, so a resumed fade ends as planned
         self._handles: list[RemovableHandle] = []
 
+    def _without_frozen(self, targets: list[Target]) -> list[Target]:
+        # A gradient criterion would score a frozen weight 0 and prune it to the per-layer cap.
+        name = self.options.criterion.name
+        frozen = [t.name for t in targets if not t.param.requires_grad]
+        if len(frozen) == len(targets):
+            raise ValueError(
+                f"criterion {name!r} needs gradients, but every target has requires_grad=False: {frozen}; "
+                "unfreeze them, or use criterion='magnitude'"
+            )
+        if frozen:
+            rank_zero_warn(
+                f"lightning_prune: criterion {name!r} scores from gradients, which {frozen} never get "
+                "(requires_grad=False): they stay dense for this run. Unfreeze them before fit, exclude "
+                "them to silence this, or use criterion='magnitude' to prune them too"
+            )
+        return [t for t in targets if t.param.requires_grad]
+
+    def start_at(self, step: int) -> None:
+        """Count from ``step``: the optimizer already took that many steps, without pruning state.
+
+        The next :meth:`attach` (or :meth:`prune_if_due`) then catches up at once with the sparsity
+        the schedule asks for at ``step``, and the schedule goes on from there.
+        """
+        if self.events:
+            raise RuntimeError("start_at is for a pruner without history; it has pruned already")
+        self.step = int(step)
+
+    def due_sparsity(self) -> float | None:
+        """The sparsity an event at the current step must reach now, or ``None`` when none is due.
+
+        An event is due on a schedule step it has not run yet, and also to catch up when the
+        schedule asks for more than the last event reached (a run started mid-schedule).
+        """
+        if self.events and self.events[-1].step == self.step:
+            return None
+        target = self.schedule.sparsity_at(self.step, self.options.target_sparsity)
+        reached = self.events[-1].target_sparsity if self.events else 0.0
+        if self.schedule.is_event(self.step) or target > reached + 1e-12:
+            return target
+        return None
+
     # ------------------------------------------------------------------ the training loop
     def attach(self, optimizer: Optimizer, *, accumulate_before_step: bool = True) -> None:
         """Hook ``optimizer`` so that each real step is counted, pruned on schedule and re-masked.
@@ -151,19 +192,10 @@ class Pruner:
                 off when the caller feeds :meth:`accumulate_scores` itself (the Lightning callback
                 does, because with a closure the gradients only exist inside ``step``).
         """
-        index = {id(t.param): i for i, t in enumerate(self.targets)}
-        owned = [
-            (index[id(p)], group)
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if id(p) in index
-        ]
-        params = [self.targets[i].param for i, _ in owned]
-        masks = [self._step_masks[i] for i, _ in owned]
-        groups = [group for _, group in owned]
+        owned = OptimizerTargets(optimizer, {id(t.param): i for i, t in enumerate(self.targets)})
 
         def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
-            self.on_optimizer_step(params, masks, groups)
+            self._after_step(owned.current())
 
         self.prune_if_due()  # first, so that a refused event leaves no hook behind
         self._handles.append(optimizer.register_step_post_hook(after_step))
@@ -195,37 +227,30 @@ class Pruner:
                 criterion.accumulate(buffer, target.param, finite.to(target.param.device))
         self.gradient_steps += 1
 
-    def on_optimizer_step(
-        self, params: list[Tensor], masks: list[Tensor], param_groups: list[dict[str, Any]] | None = None
-    ) -> PruningEvent | None:
+    def _after_step(self, owned: list[tuple[int, dict[str, Any]]]) -> PruningEvent | None:
         """Count one real step; regularize, advance a fade, prune if due, and re-apply the masks.
 
         Args:
-            params: the targeted weights this optimizer updated.
-            masks: their masks, in the same order.
-            param_groups: their optimizer param groups (for the learning rate of a regularizer).
+            owned: ``(target index, param group)`` of each target the stepping optimizer updated.
         """
         self.step += 1
         regularizer = self.options.regularizer
-        if regularizer is not None and param_groups is not None and self.step <= self.schedule.end_step:
-            for param, group in zip(params, param_groups, strict=True):
-                regularizer.apply(param, float(group["lr"]), self.options.pattern)
+        if regularizer is not None and self.step <= self.schedule.end_step:
+            for index, group in owned:
+                regularizer.apply(self.targets[index].param, float(group["lr"]), self.options.pattern)
         fading = self._fade_stages is not None
         if fading:
             self._advance_fade()  # applies every mask
         if self.schedule.is_event(self.step):
             return self.prune(self.schedule.sparsity_at(self.step, self.options.target_sparsity))
-        if params and not fading:
-            with torch.no_grad():
-                torch._foreach_mul_(params, masks)
+        if not fading:
+            zero_pruned([self.targets[i].param for i, _ in owned], [self._step_masks[i] for i, _ in owned])
         return None
 
     def prune_if_due(self) -> PruningEvent | None:
-        """Run the event due at the current step unless it already ran (e.g. before a resume)."""
-        already_done = bool(self.events) and self.events[-1].step == self.step
-        if self.schedule.is_event(self.step) and not already_done:
-            return self.prune(self.schedule.sparsity_at(self.step, self.options.target_sparsity))
-        return None
+        """Run the event due at the current step (see :meth:`due_sparsity`), if any."""
+        sparsity = self.due_sparsity()
+        return None if sparsity is None else self.prune(sparsity)
 
     @property
     def finished(self) -> bool:
@@ -330,9 +355,9 @@ class Pruner:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every pruned weight of every target in place (exact zeros, also where a weight is NaN)."""
-        for target, step_mask, mask in zip(self.targets, self._step_masks, self.masks, strict=True):
-            if step_mask is not mask:
-                step_mask.copy_(mask)
+        for target, per_step, mask in zip(self.targets, self._step_masks, self.masks, strict=True):
+            if per_step is not mask:
+                per_step.copy_(mask)
             target.param.masked_fill_(~mask, 0.0)
 
     @property
@@ -361,13 +386,23 @@ class Pruner:
         return {t.name: p / m.numel() for t, m, p in zip(self.targets, self.masks, pruned, strict=True)}
 
     # ------------------------------------------------------------------ checkpointing
+    def settings(self) -> dict[str, str]:
+        """What decides which weights end up pruned, as text; saved with the state, compared on resume.
+
+        Target selection (include, exclude, op_types, skip_last_layer) is not here: the targets
+        themselves are compared, by name.
+        """
+        return {**self.options.settings(), "progressive": repr(self.progressive)}
+
     def state_dict(self) -> dict[str, Any]:
-        """Masks, score buffers, step and history: all that an exact resume needs."""
+        """Masks, score buffers, step, events and the settings: all that an exact resume needs."""
         names = [t.name for t in self.targets]
         return {
             "version": STATE_VERSION,
             "step": self.step,
             "pattern": str(self.options.pattern),
+            "options": self.settings(),
+            "schedule": asdict(self.schedule),
             "masks": dict(zip(names, self.masks, strict=True)),
             "buffers": dict(zip(names, self.buffers, strict=True)),
             "events": [asdict(e) for e in self.events],
@@ -385,25 +420,34 @@ class Pruner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output and re-apply the masks to the weights.
 
+        Everything is checked before anything is applied.
+
         Raises:
-            ValueError: when the checkpoint's targets or pattern differ from this Pruner's.
+            ValueError: when the state does not fit this Pruner (another version, targets, shapes or
+                dtypes, a step behind its own events) or was pruned with other settings; the message
+                names the key or layer, what the state holds and what was expected.
         """
         names = [t.name for t in self.targets]
-        saved = list(state["masks"])
-        if saved != names:
-            raise ValueError(
-                "the checkpoint's pruning targets differ from this run's: "
-                f"only in checkpoint {sorted(set(saved) - set(names))}, only in this run "
-                f"{sorted(set(names) - set(saved))}; resume with the same model and include/exclude"
-            )
+        check_header(state)  # settings first: a changed criterion explains a missing buffer
         if state["pattern"] != str(self.options.pattern):
             raise ValueError(
                 f"the checkpoint was pruned with pattern {state['pattern']!r}, this run uses "
                 f"{str(self.options.pattern)!r}; resume with the same pattern"
             )
+        if "options" in state:
+            compare_settings(state["options"], self.settings(), "pruning settings")
+            saved = {key: repr(value) for key, value in dict(state["schedule"]).items()}
+            current = {key: repr(value) for key, value in asdict(self.schedule).items()}
+            compare_settings(saved, current, "schedule steps")
+        else:
+            rank_zero_warn(
+                f"lightning_prune: this checkpoint's pruning state (version {state['version']}) did not "
+                "record its settings: only the targets and the pattern could be checked against this run"
+            )
+        check_state(state, names, [t.param.shape for t in self.targets], self.buffers)
         for name, mask, buffer in zip(names, self.masks, self.buffers, strict=True):
             mask.copy_(state["masks"][name])
-            if buffer is not None and state["buffers"][name] is not None:
+            if buffer is not None:
                 buffer.copy_(state["buffers"][name])
         self.step = int(state["step"])
         self.events = [PruningEvent(**e) for e in state["events"]]

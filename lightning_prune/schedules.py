@@ -9,10 +9,11 @@ optimizer step", so a one-shot at 0 prunes at initialization.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lightning_prune.checks import check_fraction
+from lightning_prune.checks import check_fraction, is_int
 
 SparsityCurve = Callable[[float, float, float], float]
 """``(progress in [0, 1], initial sparsity s_0, final sparsity a) -> sparsity``."""
@@ -78,8 +79,9 @@ class Schedule:
     def __post_init__(self) -> None:
         for key in ("start_step", "end_step", "frequency"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise ValueError(f"{key}={value!r} must be an int")
+            object.__setattr__(self, key, int(value))  # frozen: NumPy ints become ints once, here
         if self.start_step < 0:
             raise ValueError(f"start_step={self.start_step} must be >= 0")
         if self.end_step < self.start_step:
@@ -139,15 +141,17 @@ def check_step_spec(key: str, value: object) -> int | float | None:
     """Check a step given in a config: ``None``, an int ``>= 0`` or a float fraction in ``(0, 1]``."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if is_int(value):
+        if int(value) < 0:  # type: ignore[call-overload]
+            raise ValueError(f"{key}={value} must be >= 0")
+        return int(value)  # type: ignore[call-overload]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{key}={value!r} must be an int step >= 0, a float fraction in (0, 1], or null")
-    if isinstance(value, float) and not 0.0 < value <= 1.0:
+    if not 0.0 < float(value) <= 1.0:
         raise ValueError(
             f"{key}={value} is a float, so a fraction of the training steps; it must be in (0, 1]"
         )
-    if isinstance(value, int) and value < 0:
-        raise ValueError(f"{key}={value} must be >= 0")
-    return value
+    return float(value)
 
 
 def is_known_length(total_steps: float) -> bool:

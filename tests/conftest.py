@@ -21,6 +21,32 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class Messages(logging.Handler):
+    """Collects what Lightning's own loggers emit (they do not propagate to the root logger)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(record.getMessage())
+
+
+@pytest.fixture
+def messages() -> Any:
+    """The texts of every ``rank_zero_info``/``rank_zero_warn`` message while the test runs."""
+    handler = Messages()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    yield handler.texts
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 class TinyModule(pl.LightningModule):
     """An MLP 16 -> 32 -> 32 -> 4 on fixed random data, Adam, no dropout: runs are reproducible."""
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -241,31 +240,6 @@ def test_sparsity_report_of_an_empty_model_is_zero() -> None:
 
 
 # --------------------------------------------------------------------------- progress messages
-class Messages(logging.Handler):
-    """Collects what Lightning's own loggers emit (they do not propagate to the root logger)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.texts: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.texts.append(record.getMessage())
-
-
-@pytest.fixture
-def messages() -> Any:
-    handler = Messages()
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    yield handler.texts
-    for logger, level in zip(loggers, levels, strict=True):
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def test_long_events_report_progress_through_rank_zero_info(
     monkeypatch: pytest.MonkeyPatch, messages: list[str]
 ) -> None:
