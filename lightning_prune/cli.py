@@ -11,6 +11,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_prune.callback import PruningCallback
+from lightning_prune.quiet import mute_lightning_noise
 
 
 class PruningCLI(LightningCLI):
@@ -20,10 +21,11 @@ class PruningCLI(LightningCLI):
         parser.add_lightning_class_args(PruningCallback, "pruning")
 
 
-def main(args: list[str] | None = None) -> PruningCLI:
+def run(args: list[str] | None = None) -> PruningCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``) and return it, trainer and model included."""
     from lightning_prune.demo import DigitsClassifier, DigitsDataModule
 
+    mute_lightning_noise()
     return PruningCLI(
         DigitsClassifier,
         DigitsDataModule,
@@ -32,6 +34,15 @@ def main(args: list[str] | None = None) -> PruningCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The console script: run the CLI and return nothing.
+
+    The generated script calls ``sys.exit(main())``; anything but ``None`` or 0 there would be printed
+    and turned into exit status 1 after a successful run.
+    """
+    run(args)
 
 
 if __name__ == "__main__":
