@@ -4,7 +4,9 @@
     python examples/hydra_train.py -m pruning.target_sparsity=0.5,0.8,0.9
 
 A single run writes ``results.csv`` in its output directory; a multirun sweep writes one row per run
-to ``results.csv`` in the sweep directory. Needs ``pip install lightning_prune[hydra]``.
+to ``results.csv`` in the sweep directory. Each run's pruning report (``pruning/curve.csv``,
+``curve.png``, ``layers.csv``) lands in that run's own output directory (``trainer.default_root_dir``
+in ``conf/trainer/default.yaml``). Needs hydra-core: ``pip install -e ".[hydra]"`` in the clone.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune import PruningCallback
 from lightning_prune.demo import DigitsClassifier, DigitsDataModule
+from lightning_prune.quiet import mute_lightning_noise
 
 FIELDS = ["pattern", "criterion", "target_sparsity", "sparsity", "val_acc", "overrides"]
 
@@ -35,9 +38,12 @@ def results_file() -> Path:
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train, prune and append this run's row; returns the validation accuracy (for sweepers)."""
+    mute_lightning_noise()
     pl.seed_everything(cfg.seed, verbose=False)
     pruning = PruningCallback.from_config(cfg.pruning)
-    trainer = pl.Trainer(callbacks=[pruning], **OmegaConf.to_container(cfg.trainer))  # type: ignore[arg-type]
+    # resolve=True: default_root_dir interpolates the run's Hydra output directory.
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = pl.Trainer(callbacks=[pruning], **trainer_args)  # type: ignore[arg-type]
     trainer.fit(DigitsClassifier(**cfg.model), DigitsDataModule(seed=cfg.seed, **cfg.data))
     assert pruning.pruner is not None
     weights = [t.param.detach() for t in pruning.pruner.targets]

@@ -72,28 +72,45 @@ def test_every_preset_composes_into_a_callback(preset: str, pattern: str) -> Non
     assert cfg.model.arch == "cnn" and cfg.trainer.max_epochs > 0
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, APP, *args], capture_output=True, text=True, timeout=600)
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, APP, *args], capture_output=True, text=True, timeout=600, cwd=cwd
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def test_single_run_reaches_the_asked_sparsity_and_pattern(tmp_path: Path) -> None:
-    _run(
+    done = _run(
         [
             "pruning=snip_momentum_2of4",
             "pruning.target_sparsity=0.5",
             "trainer.max_epochs=3",
-            f"hydra.run.dir={tmp_path}",
-        ]
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
     )
-    (row,) = list(csv.DictReader((tmp_path / "results.csv").open()))
+    (row,) = list(csv.DictReader((tmp_path / "run" / "results.csv").open()))
     assert (row["pattern"], row["criterion"], float(row["sparsity"])) == ("2:4", "snip_momentum", 0.5)
+    assert (tmp_path / "run" / "pruning" / "curve.csv").is_file(), "the report is in the run's folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "nothing in the working directory"
+    assert "Tip:" not in done.stdout + done.stderr, "Lightning's adverts are muted"
 
 
-def test_multirun_sweep_leaves_one_row_per_run(tmp_path: Path) -> None:
-    _run(["-m", "pruning.target_sparsity=0.5,0.8", "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path}"])
-    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+def test_multirun_sweep_leaves_one_row_and_one_report_per_run(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    _run(
+        ["-m", "pruning.target_sparsity=0.5,0.8", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
     assert sorted(float(r["target_sparsity"]) for r in rows) == [0.5, 0.8]
     for row in rows:
         assert float(row["sparsity"]) == pytest.approx(float(row["target_sparsity"]), abs=0.01)
+    # Each job keeps its own report: the last no longer overwrites the others in ./pruning/.
+    targets = {}
+    for job in ("0", "1"):
+        with (sweep / job / "pruning" / "curve.csv").open() as handle:
+            targets[job] = max(float(r["target_sparsity"]) for r in csv.DictReader(handle))
+    assert targets == {"0": 0.5, "1": 0.8}
+    assert not (tmp_path / "pruning").exists()
