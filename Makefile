@@ -1,23 +1,28 @@
 # Two commands do all set-up: `make demo` and `make test`.
-# TORCH is installed only when no torch is importable, so a user's own (GPU) build is kept;
-# the pinned default resolves to a local CPU build on CPU-only machines.
+# torch is installed only when none is installed, so a user's own (GPU) build is kept; on Linux with
+# no NVIDIA GPU the CPU build comes from TORCH_INDEX when it answers within 3 s, else from pip's own
+# index (tools/install_torch.py says which, and why).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Extra arguments for examples/digits.py, e.g. `make demo ARGS="--epochs 5 --models mlp"`.
+ARGS ?=
+LINTED = lightning_prune tests examples benchmarks tools
 
 .PHONY: install demo test lint
 
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
+	@$(PYTHON) tools/install_torch.py --torch "$(TORCH)" --cpu-index "$(TORCH_INDEX)"
 	@$(PYTHON) -c "import lightning_prune, lightning, torchmetrics, omegaconf, jsonargparse, docstring_parser, hydra, sklearn, rich, matplotlib, tensorboard, pytest, hypothesis, ruff" 2>/dev/null \
 		&& $(PYTHON) -c "import importlib.metadata as m; assert 'lightning-prune' in m.entry_points(group='console_scripts').names" 2>/dev/null \
 		|| $(PYTHON) -m pip install -e ".[dev,demo]"
 
 demo: install
-	$(PYTHON) examples/digits.py
+	$(PYTHON) examples/digits.py $(ARGS)
 
 test: install
 	$(PYTHON) -m pytest -q
 
 lint: install
-	$(PYTHON) -m ruff check lightning_prune tests examples benchmarks
-	$(PYTHON) -m ruff format --check lightning_prune tests examples benchmarks
+	$(PYTHON) -m ruff check $(LINTED)
+	$(PYTHON) -m ruff format --check $(LINTED)
