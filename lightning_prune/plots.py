@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -26,7 +27,11 @@ def figure_size_px(history: PruningHistory) -> tuple[int, int]:
 
 def curve_figure(history: PruningHistory, title: str = "lightning_prune") -> Figure:
     """One row per monitored metric: left, sparsity (and target) and the metric against the step;
-    right, the metric against sparsity at each validation run. Without metrics, sparsity alone."""
+    right, the metric against sparsity at each validation run. Without metrics, sparsity alone.
+
+    One legend for the whole figure sits below the plots, outside every axes, so it never hides a
+    curve; it names the dashed target, the measured sparsity, the pruning-event ticks and the metric.
+    """
     names = history.metric_names
     figure = Figure(figsize=(WIDTH, ROW_HEIGHT * max(1, len(names))), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
@@ -35,15 +40,20 @@ def curve_figure(history: PruningHistory, title: str = "lightning_prune") -> Fig
     sparsity = [r["sparsity"] for r in rows]
     target = [r["target_sparsity"] for r in rows]
     validations = [r for r in rows if r["source"] == VALIDATION]
+    events = [r for r in rows if r["source"] == EVENT]
     grid = figure.subplots(max(1, len(names)), 2 if names else 1, squeeze=False)
     figure.suptitle(title)
+    legend: dict[str, Artist] = {}
     for index in range(grid.shape[0]):
         left = grid[index, 0]
-        left.step(steps, target, where="post", linestyle="--", color="tab:gray", label="target sparsity")
-        left.plot(steps, sparsity, marker=".", color="tab:blue", label="sparsity (zeros)")
-        events = [r for r in rows if r["source"] == EVENT]
+        (legend["target sparsity (schedule)"],) = left.step(
+            steps, target, where="post", linestyle="--", color="tab:gray"
+        )
+        (legend["sparsity (zeros in the pruned weights)"],) = left.plot(
+            steps, sparsity, marker=".", color="tab:blue"
+        )
         if events:
-            left.plot(
+            (legend["pruning event"],) = left.plot(
                 [r["step"] for r in events], [r["sparsity"] for r in events], "|", color="tab:blue", ms=10
             )
         left.set_xlabel("optimizer step")
@@ -51,12 +61,12 @@ def curve_figure(history: PruningHistory, title: str = "lightning_prune") -> Fig
         left.set_ylim(-0.02, 1.02)
         left.grid(alpha=0.3)
         if not names:
-            left.legend(loc="lower right")
+            left.set_title("sparsity against step")
             continue
         name = names[index]
         points = [r for r in validations if name in r["metrics"]]
         twin = left.twinx()
-        twin.plot(
+        (legend["metric at each validation (right axis)"],) = twin.plot(
             [r["step"] for r in points],
             [r["metrics"][name] for r in points],
             marker="o",
@@ -64,8 +74,6 @@ def curve_figure(history: PruningHistory, title: str = "lightning_prune") -> Fig
             color="tab:orange",
         )
         twin.set_ylabel(name, color="tab:orange")
-        handles = left.get_legend_handles_labels()
-        twin.legend([*handles[0], twin.lines[0]], [*handles[1], name], loc="lower right", fontsize="small")
         left.set_title(f"sparsity and {name} against step")
         right = grid[index, 1]
         xs = np.array([r["sparsity"] for r in points])
@@ -77,6 +85,10 @@ def curve_figure(history: PruningHistory, title: str = "lightning_prune") -> Fig
         right.set_ylabel(name)
         right.set_title(f"{name} against sparsity")
         right.grid(alpha=0.3)
+    # "outside": constrained layout makes room below the axes instead of drawing over them.
+    figure.legend(
+        list(legend.values()), list(legend), loc="outside lower center", ncols=len(legend), fontsize="small"
+    )
     return figure
 
 
