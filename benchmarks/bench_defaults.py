@@ -14,7 +14,9 @@ defaults change (this sweep is what moved the default ``end_step`` from 0.75 to 
 Every arm trains the same initial weights on the same batch stream with the same Adam and steps
 (see ``quality/arms.py``). Seeds run in parallel processes (``--jobs``), one torch thread each. The
 table gives, per setting, the median over seeds of the validation loss change from that seed's
-dense run. Writes its section of ``RESULTS.md`` and ``defaults_results.csv`` beside it.
+dense run. Prints its section and writes it, with ``defaults_results.csv`` beside it, under
+``runs/benchmarks/bench_defaults/``; ``--write-results`` updates the tracked ``benchmarks/RESULTS.md``
+and ``benchmarks/defaults_results.csv`` instead.
 """
 
 from __future__ import annotations
@@ -39,12 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import load_line, machine_line, quiet_lightning
 from quality.arms import Arm, run_arm
 from quality.tasks import make_task
-from results_file import write_section
+from results_file import add_output_arguments, output_path, write_section
 
 from lightning_prune.files import write_atomically
 
 START, END = "<!-- bench_defaults:start -->", "<!-- bench_defaults:end -->"
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
 CSV_NAME = "defaults_results.csv"
 TARGETS = {"1x1": 0.9, "4x1": 0.8, "channelx1": 0.5}
 
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes, one thread each")
     parser.add_argument("--size", default="default", choices=["quick", "default"], help="GPT task size")
     parser.add_argument("--arms", default=None, help="substring of arm names to run (dense always runs)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="RESULTS.md to update")
+    add_output_arguments(parser, "bench_defaults")
     parser.add_argument(
         "--from-csv",
         type=Path,
@@ -151,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="only render the section from this CSV of an earlier run (give that run's other flags)",
     )
     args = parser.parse_args(argv)
+    output = output_path(args, "bench_defaults")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -173,8 +175,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for r in csv.DictReader(handle)
             ]
         section = render(rows, arms, seeds, command.strip(), None, args.size, args.jobs)
-        write_section(args.output, START, END, section)
+        write_section(output, START, END, section)
         print(section)
+        print(f"wrote {output}")
         return
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -190,11 +193,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomically(args.output.parent / CSV_NAME, buffer.getvalue())
+    write_atomically(output.parent / CSV_NAME, buffer.getvalue())
     minutes = (time.perf_counter() - started) / 60
     section = render(rows, arms, seeds, command.strip(), minutes, args.size, args.jobs)
-    write_section(args.output, START, END, section)
+    write_section(output, START, END, section)
     print(section)
+    print(f"wrote {output} and {output.parent / CSV_NAME}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ side by side; the table gives medians over rounds and the per-round ratio range.
     python benchmarks/bench_export.py                # CPU: d=512, h=2048, 512 tokens, fp32
     python benchmarks/bench_export.py --threads 1    # on a shared machine
     python benchmarks/bench_export.py --quick        # seconds, for a smoke test
+
+The section is printed and written to runs/benchmarks/bench_export/RESULTS.md; ``--write-results``
+updates the tracked benchmarks/RESULTS.md instead.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from results_file import cpu_model
+from results_file import add_output_arguments, cpu_model, output_path
 from results_file import write_section as write_results_section
 from torch import nn
 
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds: a smoke test")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    add_output_arguments(parser, "bench_export")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
@@ -304,8 +307,10 @@ def main(argv: list[str] | None = None) -> None:
         lines += table(sparse_rows, baseline_per_size=True)
     else:
         lines.append(f"2:4 semi-structured: {sparse_note}")
-    write_section(args.output, "\n".join(lines))
+    output = output_path(args, "bench_export")
+    write_section(output, "\n".join(lines))
     print("\n".join(lines))
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

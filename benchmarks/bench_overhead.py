@@ -5,7 +5,9 @@ The first ``--warmup`` steps of each fit form epoch 0: they are not timed, and t
 inside them (ours one-shot at step 0 or 1, Lightning's ``ModelPruning`` at the end of epoch 0), so
 every timed step is a step *between events* with the masks in force. Arms are interleaved: each
 round runs every arm of every model for ``--steps`` timed steps, in a shuffled order, so machine
-noise hits all arms alike. Results go to a delimited section of ``benchmarks/RESULTS.md``.
+noise hits all arms alike. The results section is printed and written to
+``runs/benchmarks/bench_overhead/RESULTS.md``; ``--write-results`` updates the tracked
+``benchmarks/RESULTS.md`` instead (its own delimited section only).
 
 Run ``python benchmarks/bench_overhead.py`` (defaults: about 4 minutes on 2 CPU cores) or
 ``--quick`` for a few-second smoke run. On a CUDA machine every model runs on the GPU and a
@@ -41,7 +43,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning
-from results_file import cpu_model
+from results_file import add_output_arguments, cpu_model, output_path
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -53,7 +55,6 @@ from lightning_prune.targets import select_targets
 
 START_MARKER = "<!-- bench_overhead:start -->"
 END_MARKER = "<!-- bench_overhead:end -->"
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
 RESULTS_HEADER = (
     "# Benchmark results\n\n"
     "Each section below is written by the script it names; rerun that script to refresh it.\n"
@@ -610,7 +611,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="a few-second smoke run; its timings mean little"
     )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results file to update")
+    add_output_arguments(parser, "bench_overhead")
     args = parser.parse_args(argv)
     quick = {"rounds": 2, "steps": 3, "warmup": 2, "models": list(QUICK_MODELS), "threads": 1}
     full = {"rounds": 9, "steps": 40, "warmup": 5, "models": list(MODELS), "threads": None}
@@ -648,8 +649,9 @@ def main(argv: list[str] | None = None) -> None:
         section = run_and_render(args, models, notes, argv, default_threads=threads)
     finally:
         torch.set_num_threads(threads)  # main() may run inside another process (the smoke test)
-    update_results(args.output, section)
-    print(f"wrote {args.output}")
+    output = output_path(args, "bench_overhead")
+    update_results(output, section)
+    print(f"wrote {output}")
 
 
 def run_and_render(

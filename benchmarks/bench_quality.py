@@ -21,7 +21,8 @@ training on the ``exp`` curve, then a tenth of fine-tuning at the target.
 Run ``python benchmarks/bench_quality.py`` (about 20 minutes on 2 CPU cores; ``--threads 1`` on a
 shared machine), ``--quick`` for a few-second smoke run. It writes ``quality_results.csv`` (one row
 per arm and seed), ``quality.png`` and its section of ``RESULTS.md``, all in the folder of
-``--output``. A CUDA GPU is used when present; ``--size large`` makes the GPT task larger for it.
+``--output``: ``runs/benchmarks/bench_quality/`` unless ``--write-results`` asks for the tracked
+``benchmarks/``. A CUDA GPU is used when present; ``--size large`` makes the GPT task larger for it.
 """
 
 from __future__ import annotations
@@ -57,12 +58,12 @@ from quality.report import (
     target_checks,
 )
 from quality.tasks import SIZES, TASKS, Task, make_task
+from results_file import add_output_arguments, output_path
 
 from lightning_prune.files import write_atomically as write_file_atomically
 
 START_MARKER = "<!-- bench_quality:start -->"
 END_MARKER = "<!-- bench_quality:end -->"
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
 CSV_NAME = "quality_results.csv"
 PNG_NAME = "quality.png"
 RESULTS_HEADER = (
@@ -97,13 +98,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=None,
         help="only redraw the plot beside --output from this quality_results.csv (no training)",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=DEFAULT_OUTPUT,
-        help="results markdown to update; CSV and PNG go beside it",
-    )
+    add_output_arguments(parser, "bench_quality")
     args = parser.parse_args(argv)
+    args.output = output_path(args, "bench_quality")
     args.size = args.size or ("quick" if args.quick else "default")
     if args.quick and args.threads is None:
         args.threads = 1
