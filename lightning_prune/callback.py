@@ -141,8 +141,9 @@ class PruningCallback(Callback):
         regularizer_coeff: strength of a regularizer given by name (default ``1e-4``).
         monitor: metrics to pair with the sparsity at every validation run, by the name they are
             logged under (``"val_acc"``, or a list); ``None`` takes every metric logged during
-            validation, ``[]`` none. A name missing from the sanity check's validation warns (it may
-            be a training metric); missing at a real validation, it fails naming what is logged.
+            validation, ``[]`` none. A near miss of a name logged in the sanity check's validation
+            fails there ("did you mean"); another name missing there warns (it may be a training
+            metric) and fails at the first real validation if still missing, naming what is logged.
         save_report: at the end of fit, write ``pruning/curve.csv``, ``pruning/curve.png`` and
             ``pruning/layers.csv`` under ``trainer.log_dir`` (rank 0) and add the figure to any
             ``TensorBoardLogger``.

@@ -1,4 +1,8 @@
-"""Scoring before the first step, for a gradient criterion whose event falls at step 0 (SNIP at init)."""
+"""Scoring before a fit's first step, for a gradient criterion with an event due there.
+
+That is an event at step 0 (SNIP at initialization), or the catch-up event of a run resumed from a
+checkpoint without pruning state past the schedule's start.
+"""
 
 from __future__ import annotations
 
@@ -39,8 +43,10 @@ def score_at_init(trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Pr
     batches = int(getattr(criterion, "init_batches", 1))
     if not pl_module.automatic_optimization:
         raise ValueError(
-            f"criterion {criterion.name!r} with an event at step 0 scores on training batches before the "
-            "first step, which needs automatic optimization; with manual optimization use start_step >= 1"
+            f"criterion {criterion.name!r} with an event due at step {pruner.step}, before this fit's first "
+            "step, scores on training batches first, which needs automatic optimization; with manual "
+            "optimization start pruning after the fit's first step (start_step >= 1, or resume from a "
+            "checkpoint with pruning state)"
         )
     if trainer.train_dataloader is None:
         trainer.fit_loop.setup_data()  # as Lightning's own estimated_stepping_batches does
