@@ -295,7 +295,10 @@ def arm_callbacks(arm: str, module: BenchModule) -> list[Callback]:
             )
         ]
     if arm == "modelpruning":
-        targets = select_targets(module)
+        selection = select_targets(module)
+        targets = list(
+            getattr(selection, "targets", selection)
+        )  # a Selection from issue 12 on, a list before
         return [
             ModelPruning(
                 "l1_unstructured",
@@ -319,7 +322,8 @@ def run_arm(
     """
     torch.manual_seed(seed)
     module = BenchModule(spec.build())
-    layers = [t.module for t in select_targets(module)]  # before ModelPruning renames the weights
+    selection = select_targets(module)  # before ModelPruning renames the weights
+    layers = [t.module for t in getattr(selection, "targets", selection)]  # Selection (issue 12) or list
     cuda = torch.cuda.is_available()
     timer = StepTimer(skip=warmup, sync_cuda=cuda)
     trainer = pl.Trainer(

@@ -240,7 +240,8 @@ class Result:
 
 def target_layers(net: nn.Module) -> list[nn.Module]:
     """The layers whose zeros count: the callback's default targets (Linear/Conv weights but the head)."""
-    return [t.module for t in select_targets(net)]
+    selection = select_targets(net)
+    return [t.module for t in getattr(selection, "targets", selection)]  # Selection (issue 12) or list
 
 
 def measured_sparsity(layers: list[nn.Module]) -> float:
