@@ -1,7 +1,7 @@
 """A model and data on scikit-learn's bundled digits, so examples, tests and the CLI need no download.
 
 Like ``lightning.pytorch.demos``: import it, not part of the pruning API. Needs ``scikit-learn``
-(``pip install lightning_prune[demo]``).
+(``pip install -e ".[demo]"`` in the clone; lightning_prune is not on PyPI).
 """
 
 from __future__ import annotations
