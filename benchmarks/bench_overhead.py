@@ -57,7 +57,7 @@ START_MARKER = "<!-- bench_overhead:start -->"
 END_MARKER = "<!-- bench_overhead:end -->"
 RESULTS_HEADER = (
     "# Benchmark results\n\n"
-    "Each section below is written by the script it names; rerun that script to refresh it.\n"
+    "Each section below is written by the script it names; rerun it with `--write-results` to refresh it.\n"
 )
 ARMS = ("none", "ours", "modelpruning", "ours_snip_momentum")
 TARGET_SPARSITY = 0.9

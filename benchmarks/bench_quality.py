@@ -68,7 +68,7 @@ CSV_NAME = "quality_results.csv"
 PNG_NAME = "quality.png"
 RESULTS_HEADER = (
     "# Benchmark results\n\n"
-    "Each section below is written by the script it names; rerun that script to refresh it.\n"
+    "Each section below is written by the script it names; rerun it with `--write-results` to refresh it.\n"
 )
 EXTRA = {"gpt": "val_ppl", "digits": "val_loss"}
 EXTRA_NAMES = {"gpt": "ppl", "digits": "loss"}

@@ -14,7 +14,10 @@ from pathlib import Path
 
 from lightning_prune.files import write_atomically
 
-HEADER = "# Benchmark results\n\nEach section: the command, the machine, the numbers.\n"
+HEADER = (
+    "# Benchmark results\n\nEach section below is written by the script it names; "
+    "rerun it with `--write-results` to refresh it.\n"
+)
 #: The tracked results file.
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 #: Where runs without ``--write-results`` write, one folder per script (``runs/`` is git-ignored).
