@@ -273,19 +273,24 @@ class NMPattern(Pattern):
         out, kernel, inp = canonical_dims(shape)
         return from_canonical(groups.reshape(out, kernel, inp), shape)
 
-    def _lowest(self, groups: Tensor) -> Tensor:
-        # Stable sort over a handful of elements: cheap, and ties break the same way everywhere.
-        return groups.argsort(dim=-1, stable=True)[..., : self.m - self.n]
-
     def group_costs(self, scores: Tensor) -> Tensor:
+        """The reduced scores of each group's ``m - n`` lowest weights (ascending, NaN highest)."""
         groups = self.group_view(scores)
-        lost = groups.gather(-1, self._lowest(groups))
+        if self.m <= NM_COMPARE_MAX:
+            lost = _nm_lowest_values(groups, self.m - self.n)
+        else:
+            lost = groups.gather(-1, groups.argsort(dim=-1, stable=True)[..., : self.m - self.n])
         return REDUCTIONS[self.reduce](lost, (-1,))
 
     def pruned_elements(self, pruned_groups: Tensor, scores: Tensor) -> Tensor:
+        """In each pruned group, its ``m - n`` lowest weights in the order of a stable sort: by
+        score (NaN highest, ``-0.0 == 0.0``), ties to the lower index."""
         groups = self.group_view(scores)
-        pruned = torch.zeros_like(groups, dtype=torch.bool)
-        pruned.scatter_(-1, self._lowest(groups), True)
+        if self.m <= NM_COMPARE_MAX:
+            pruned = _nm_lowest_mask(groups, self.m - self.n)
+        else:
+            pruned = torch.zeros_like(groups, dtype=torch.bool)
+            pruned.scatter_(-1, groups.argsort(dim=-1, stable=True)[..., : self.m - self.n], True)
         pruned &= pruned_groups.unsqueeze(-1)
         return self.from_group_view(pruned, scores.shape)
 
@@ -331,3 +336,80 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
             raise ValueError(f"pattern={spec!r}: N:M needs 0 < N < M (e.g. '2:4'); accepted: {PATTERN_HELP}")
         return NMPattern(n, m)
     raise ValueError(f"pattern={spec!r} is not a known pattern; accepted: {PATTERN_HELP}")
+
+
+# ---------------------------------------------------------------------------- N:M without sorting
+#: Longest N:M group ranked by comparisons; longer groups use a stable argsort (same result).
+NM_COMPARE_MAX = 8
+#: Elements per block of rows in the N:M passes.
+NM_BLOCK = 1 << 20
+
+
+def _sorting_network(m: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort for ``m`` inputs: comparators ``(i, j)``, ``i < j``, each
+    leaving the lower value at ``i`` (built for the next power of two; wires past ``m`` hold +inf)."""
+    size = 1 << (m - 1).bit_length()
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return [(i, j) for i, j in pairs if j < m]
+
+
+def _nm_row_blocks(groups: Tensor) -> list[slice]:
+    """Blocks of leading rows of about ``NM_BLOCK`` elements: the temporaries of one block stay in cache."""
+    rows = max(1, NM_BLOCK // max(1, groups[:1].numel()))
+    return [slice(start, start + rows) for start in range(0, groups.shape[0], rows)]
+
+
+def _nm_lowest_values(groups: Tensor, count: int) -> Tensor:
+    """The ``count`` lowest values of each group (last dim), ascending with NaN highest, as
+    ``(..., count)``: a sorting network cut down to the outputs needed, a few elementwise
+    min/max passes instead of a per-group argsort."""
+    plan, needed = [], set(range(count))
+    for i, j in reversed(_sorting_network(groups.shape[-1])):  # what the wanted outputs depend on
+        if i in needed or j in needed:
+            plan.append((i, j, i in needed, j in needed))
+            needed |= {i, j}
+    plan.reverse()
+    out = torch.empty((*groups.shape[:-1], count), dtype=groups.dtype, device=groups.device)
+    for block in _nm_row_blocks(groups):
+        columns = list(groups[block].unbind(-1))
+        for i, j, low, high in plan:
+            a, b = columns[i], columns[j]
+            if low:
+                columns[i] = torch.fmin(a, b)  # fmin passes NaN over ...
+            if high:
+                columns[j] = torch.maximum(a, b)  # ... and maximum keeps it: NaN sorts last
+        torch.stack(columns[:count], dim=-1, out=out[block])
+    return out
+
+
+def _nm_lowest_mask(groups: Tensor, count: int) -> Tensor:
+    """``True`` at each group's ``count`` lowest elements, exactly as the first ``count`` of a
+    stable argsort: an element's rank is how many others are lower, plus equal ones before it."""
+    m = groups.shape[-1]
+    # NaN compares false; when present, rank it above everything else (cheap check first).
+    nan = bool(torch.isnan(groups.sum())) and bool(torch.isnan(groups).any())
+    pruned = torch.empty(groups.shape, dtype=torch.bool, device=groups.device)
+    for block in _nm_row_blocks(groups):
+        columns = groups[block].unbind(-1)
+        ranks = [torch.full_like(columns[0], e, dtype=torch.uint8) for e in range(m)]
+        for e in range(m):
+            for f in range(e + 1, m):
+                f_first = torch.lt(columns[f], columns[e])  # otherwise e (lower index) goes first
+                if nan:
+                    f_first |= torch.isnan(columns[e]) & ~torch.isnan(columns[f])
+                step = f_first.view(torch.uint8)
+                ranks[e] += step  # ranks stay in [0, m): e starts at e, and f loses at most f
+                ranks[f] -= step
+        for e, rank in enumerate(ranks):
+            torch.lt(rank, count, out=pruned[block][..., e])
+    return pruned

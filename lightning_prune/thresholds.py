@@ -3,13 +3,31 @@
 Both honour per-layer sparsity bounds. Global selection is exact: it prunes the lowest-cost groups
 subject to every layer staying within ``[min, max]``. Each layer's ``lo`` cheapest groups are
 mandatory, its next ``hi - lo`` cheapest are candidates, and the cheapest candidates over all layers
-fill the rest of the budget, taking the prefix (in cost order; ties by layer, then position) whose
-size is closest to it. The same choice is made on every rank.
+fill the rest of the budget, taking the prefix (in cost order) whose size is closest to it.
 
-Nothing is sorted at full size, so an event scales to 1e8-1e9 scores: a histogram narrows the range
-that holds the crossing cost (``torch.histc``, one pass per round), exact counts confirm it, and only
-the few values left in the final range are sorted. Each layer's mask is then one comparison against
-a threshold plus an index-ordered pick among ties. Extra memory is a few byte-masks of one layer.
+**The order.** Costs are ranked as a stable sort of all layers' costs, concatenated in layer order,
+would rank them: by value under ``-inf < finite < +inf < NaN`` (``-0.0`` equals ``0.0``, every NaN
+equals every other), and equal costs by layer, then by position (lower index first). So ties at the
+cut-off go to the earliest layers and positions, the same on every rank and every run.
+
+**The method.** Nothing is sorted at full size and the work does not depend on how the costs are
+distributed; a 1e8-score event is a couple of passes over the costs:
+
+1. A strided sample (about :data:`SAMPLE` costs) estimates where the crossing cost lies and brackets
+   it with a margin of several standard errors.
+2. One pass over the costs, in chunks of :data:`CHUNK`, writes ``cost < lo`` straight into each
+   layer's mask, counts it, and extracts the few costs inside the bracket. A cost value that fills
+   much of the bracket (exact zeros, an all-equal layer) is only counted, never extracted.
+3. Exact counts confirm the bracket; a radix select over the keys of the extracted costs finds the
+   crossing value, and each mask gains the extracted costs below it plus the ties that the order
+   takes, by position.
+
+When the sample misleads (a bracket that misses, or one holding more than :data:`EXTRACT_LIMIT` of
+the costs), a radix select over all costs takes over: histograms of the costs' order-preserving
+integer keys (the float bits, sign-folded) with :data:`RADIX_BINS` bins, one pass per round, at most
+``ceil(key bits / log2(RADIX_BINS))`` rounds (3 for float32). Either way the number of passes is
+bounded whatever the ties or non-finite values. Extra memory is the masks themselves plus one chunk
+of temporaries and the extracted costs.
 """
 
 from __future__ import annotations
@@ -22,10 +40,20 @@ import torch
 from torch import Tensor
 
 _EPS = 1e-9
-#: Histogram bins per narrowing round.
-BINS = 4096
-#: Values left in the range when narrowing stops and an exact sort takes over.
-EXACT_BELOW = 1 << 18
+#: Elements per chunk of a pass on the CPU (a few MiB of temporaries that stay in cache).
+CHUNK = 1 << 20
+#: Elements per chunk of a pass on an accelerator (bounds the temporaries of huge layers).
+DEVICE_CHUNK = 1 << 26
+#: Most costs sampled, over all layers, to bracket the crossing (at most 1/32 of them, at least 1024).
+SAMPLE = 1 << 16
+#: Thresholds on the sample at which the estimate is evaluated.
+GRID = 2048
+#: Standard errors of the sample estimate on each side of the bracket.
+SIGMAS = 4.0
+#: Most costs a bracket may hold for extraction, as a fraction of all costs (with a floor of SAMPLE).
+EXTRACT_LIMIT = 1 / 16
+#: Histogram bins per radix round.
+RADIX_BINS = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -81,67 +109,52 @@ def select_groups(
         return [lowest(layer.costs, count) for layer, count in zip(layers, counts, strict=True)]
     if scope != "global":
         raise ValueError(f"scope={scope!r} is not one of ['global', 'local']")
-    counts, value, below, at_most = _global_counts(layers, bounds, sparsity)
+    counts, cut = _global_counts(layers, bounds, sparsity)
     selected = []
     for i, (layer, count) in enumerate(zip(layers, counts, strict=True)):
-        # Layers not held by a bound cut at the global crossing value; the others at their own.
-        if value is not None and below[i] <= count <= at_most[i]:
-            selected.append(_below_plus_ties(layer.costs, value, count))
+        # Layers not held by a bound cut at the global crossing; the others at their own.
+        if cut is not None and cut.below[i] <= count <= cut.at_most[i]:
+            selected.append(cut.mask(i, count))
         else:
             selected.append(lowest(layer.costs, count))
     return selected
 
 
-def _count(mask: Tensor) -> int:
-    return int(torch.count_nonzero(mask))
-
-
 def lowest(values: Tensor, k: int) -> Tensor:
-    """Bool mask of the ``k`` lowest of 1-D ``values``; ties go to the lower index."""
+    """Bool mask of the ``k`` lowest of 1-D ``values`` in the module's order (ties: lower index)."""
     k = max(0, min(k, values.numel()))
     if k == 0:
         return torch.zeros_like(values, dtype=torch.bool)
-    threshold = _crossing([values], [0], [values.numel()], [1], k)
-    return _below_plus_ties(values, threshold, k)
-
-
-def _below_plus_ties(values: Tensor, threshold: float, k: int) -> Tensor:
-    """Everything below ``threshold`` plus the first ties at it, ``k`` in all."""
-    chosen = values < threshold
-    missing = k - _count(chosen)
-    if missing > 0:
-        chosen[(values == threshold).nonzero().flatten()[:missing]] = True
-    return chosen
+    if k == values.numel():
+        return torch.ones_like(values, dtype=torch.bool)
+    return _crossing([values], [0], [values.numel()], [1], k).mask(0, k)
 
 
 def _global_counts(
     layers: list[LayerGroups], bounds: list[tuple[int, int]], sparsity: float
-) -> tuple[list[int], float | None, list[int], list[int]]:
-    """Groups to prune per layer, the crossing cost (``None`` when none is needed), and per layer
-    the number of costs below it and at most it."""
+) -> tuple[list[int], _Cut | None]:
+    """Groups to prune per layer, and the cut at the crossing cost (``None`` when none is needed)."""
     total = sum(layer.numel for layer in layers)
     budget = round(sparsity * total) - sum(
         lo * layer.group_size for layer, (lo, _) in zip(layers, bounds, strict=True)
     )
     lows, highs = [lo for lo, _ in bounds], [hi for _, hi in bounds]
     if budget <= 0:
-        return lows, None, [], []
+        return lows, None
     costs = [layer.costs for layer in layers]
     sizes = [layer.group_size for layer in layers]
-    if _weight(costs, lows, highs, sizes, [c.numel() for c in costs]) <= budget:
-        return highs, None, [], []  # every candidate fits
-    value = _crossing(costs, lows, highs, sizes, budget)
+    if _weight(lows, highs, sizes, [c.numel() for c in costs]) <= budget:
+        return highs, None  # every candidate fits
+    cut = _crossing(costs, lows, highs, sizes, budget)
     # All candidates below the crossing value are in; ties at it go in layer order, then position,
     # until the prefix is closest to the budget.
-    raw_below = _counts(costs, value, strict=True)
-    below = [_clamped(n, lo, hi) for n, lo, hi in zip(raw_below, lows, highs, strict=True)]
-    at_most = _counts(costs, value, strict=False)
+    below = [_clamped(n, lo, hi) for n, lo, hi in zip(cut.below, lows, highs, strict=True)]
     remaining = budget - sum((n - lo) * g for n, lo, g in zip(below, lows, sizes, strict=True))
     counts = list(below)
     for i, (hi, g) in enumerate(zip(highs, sizes, strict=True)):
         if remaining <= 0:
             break
-        ties = _clamped(at_most[i], lows[i], hi) - below[i]
+        ties = _clamped(cut.at_most[i], lows[i], hi) - below[i]
         take = min(ties, remaining // g)
         counts[i] += take
         remaining -= take * g
@@ -149,95 +162,372 @@ def _global_counts(
             if g - remaining < remaining:  # one more overshoots by less than stopping undershoots
                 counts[i] += 1
             break
-    return counts, value, raw_below, at_most
+    return counts, cut
 
 
 def _clamped(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, n))
 
 
-def _counts(costs: Sequence[Tensor], value: float, strict: bool) -> list[int]:
-    """Per layer, how many costs are ``< value`` (``strict``) or ``<= value``."""
-    return [_count(c < value) if strict else _count(c <= value) for c in costs]
-
-
-def _weight(
-    costs: Sequence[Tensor],
-    lows: Sequence[int],
-    highs: Sequence[int],
-    sizes: Sequence[int],
-    counts: Sequence[int],
-) -> int:
+def _weight(lows: Sequence[int], highs: Sequence[int], sizes: Sequence[int], counts: Sequence[int]) -> int:
     """Weight of the candidates among the first ``counts`` groups of each layer."""
     return sum(
         (_clamped(n, lo, hi) - lo) * g for n, lo, hi, g in zip(counts, lows, highs, sizes, strict=True)
     )
 
 
+# ---------------------------------------------------------------------------- keys and chunks
+def _key_dtype(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    return (torch.int64, 64) if dtype == torch.float64 else (torch.int32, 32)
+
+
+def _common_dtype(costs: Sequence[Tensor]) -> torch.dtype:
+    """float64 when any layer's costs are float64, else float32 (exact for fp16/bf16 too)."""
+    return torch.float64 if any(c.dtype == torch.float64 for c in costs) else torch.float32
+
+
+def _keys(values: Tensor) -> Tensor:
+    """Integer keys in the module's order: ``a < b`` as costs iff ``key(a) < key(b)``.
+
+    The float bits as a signed integer order non-negative floats already; negative ones get their
+    magnitude bits flipped. ``-0.0`` becomes ``0.0`` and every NaN the largest key.
+    """
+    itype, bits = _key_dtype(values.dtype)
+    top = (1 << (bits - 1)) - 1
+    canonical = values + 0.0  # -0.0 + 0.0 == +0.0; also a fresh tensor to work in
+    nan = torch.isnan(canonical)  # before the fold below rewrites these bits in place
+    keys = canonical.view(itype)
+    keys.bitwise_xor_((keys >> (bits - 1)) & top)
+    return keys.masked_fill_(nan, top)
+
+
+def _from_key(key: int, dtype: torch.dtype) -> float:
+    """The cost value whose key is ``key`` (the sign fold is its own inverse)."""
+    itype, bits = _key_dtype(dtype)
+    bits_of = torch.tensor([key], dtype=itype)
+    bits_of.bitwise_xor_((bits_of >> (bits - 1)) & ((1 << (bits - 1)) - 1))
+    return float(bits_of.view(dtype)[0])
+
+
+def _key_of(value: float, dtype: torch.dtype) -> int:
+    return int(_keys(torch.tensor([value], dtype=dtype))[0])
+
+
+def _chunks(values: Tensor) -> list[tuple[int, Tensor]]:
+    """``(offset, chunk)`` views of 1-D ``values``."""
+    size = CHUNK if values.device.type == "cpu" else DEVICE_CHUNK
+    return [(start, values[start : start + size]) for start in range(0, values.numel(), size)]
+
+
+def _as(values: Tensor, dtype: torch.dtype) -> Tensor:
+    # Compare in one dtype: a Python scalar against a bf16 tensor would be rounded to bf16.
+    return values if values.dtype == dtype else values.to(dtype)
+
+
+# ---------------------------------------------------------------------------- the cut
+@dataclass
+class _Layer:
+    """One layer's part of a cut: its mask so far and what completing it needs."""
+
+    costs: Tensor
+    base: Tensor | None = None  # bool mask of the costs below the bracket (fast path)
+    positions: Tensor | None = None  # positions of the extracted costs, ascending
+    values: Tensor | None = None  # the extracted costs
+    heavy_count: int = 0  # costs equal to the bracket's heavy value (counted, not extracted)
+
+
+@dataclass
+class _Cut:
+    """The crossing cost and, per layer, how many costs are below it and at most it."""
+
+    value: float
+    dtype: torch.dtype
+    below: list[int]
+    at_most: list[int]
+    layers: list[_Layer]
+    heavy: float | None = None
+
+    def mask(self, i: int, count: int) -> Tensor:
+        """Layer ``i``'s mask of its ``count`` lowest costs (``below[i] <= count <= at_most[i]``)."""
+        layer, v = self.layers[i], self.value
+        ties = count - self.below[i]
+        if layer.base is None:  # no bracket: one comparison pass, then the ties by position
+            mask = torch.empty_like(layer.costs, dtype=torch.bool)
+            for start, chunk in _chunks(layer.costs):
+                chunk = _as(chunk, self.dtype)
+                out = mask[start : start + chunk.numel()]
+                if math.isnan(v):  # everything but NaN ranks below NaN
+                    torch.logical_not(torch.isnan(chunk), out=out)
+                else:
+                    torch.lt(chunk, v, out=out)
+            return _add_first(layer.costs, mask, v, self.dtype, ties)
+        mask = layer.base
+        if layer.values is not None and layer.values.numel():
+            assert layer.positions is not None
+            mask[layer.positions[layer.values < v]] = True
+            if ties > 0 and not (self.heavy is not None and self.heavy == v):
+                mask[layer.positions[layer.values == v][:ties]] = True
+        if self.heavy is not None and layer.heavy_count:
+            if self.heavy < v:
+                _add_first(layer.costs, mask, self.heavy, self.dtype, layer.heavy_count)
+            elif self.heavy == v:
+                _add_first(layer.costs, mask, v, self.dtype, ties)
+        layer.base = None  # the mask now belongs to the caller
+        return mask
+
+
+def _add_first(costs: Tensor, mask: Tensor, value: float, dtype: torch.dtype, count: int) -> Tensor:
+    """Set ``mask`` at the first ``count`` positions where ``costs == value`` (NaN: where NaN)."""
+    for start, chunk in _chunks(costs):
+        if count <= 0:
+            break
+        chunk = _as(chunk, dtype)
+        equal = torch.isnan(chunk) if math.isnan(value) else chunk == value
+        found = int(torch.count_nonzero(equal))
+        out = mask[start : start + chunk.numel()]
+        if found <= count:
+            out |= equal
+        else:
+            out[equal.nonzero().flatten()[:count]] = True
+        count -= found
+    return mask
+
+
 def _crossing(
     costs: Sequence[Tensor], lows: Sequence[int], highs: Sequence[int], sizes: Sequence[int], budget: int
-) -> float:
-    """The smallest cost ``v`` whose candidates ``<= v`` weigh at least ``budget`` (which must be reachable)."""
-    # Only already-pruned groups hold -inf; a cheap min() tells whether a layer has any.
-    has_pruned = [float(c.min()) == -math.inf for c in costs]
-    if (
-        any(has_pruned)
-        and _weight(costs, lows, highs, sizes, _counts(costs, -math.inf, strict=False)) >= budget
-    ):
-        return -math.inf
-    finite = [c[c > -math.inf] if pruned else c for c, pruned in zip(costs, has_pruned, strict=True)]
-    lo_value = min(float(c.min()) for c in finite if c.numel())
-    hi_value = max(float(c.max()) for c in finite if c.numel())
-    below = _counts(costs, lo_value, strict=True)
-    inside = sum(c.numel() for c in finite)
-    # Invariant: weight(< lo_value) < budget <= weight(<= hi_value); `below` counts < lo_value.
-    while lo_value != hi_value and inside > EXACT_BELOW:
-        # Bin edges are approximate (float binning); exact counts at the new ends check them.
-        hist = torch.stack([torch.histc(c.float(), BINS, lo_value, hi_value).cpu() for c in finite]).double()
-        cumulative = torch.tensor(below, dtype=torch.float64)[:, None] + hist.cumsum(1)
-        lows_t = torch.tensor(lows, dtype=torch.float64)[:, None]
-        highs_t = torch.tensor(highs, dtype=torch.float64)[:, None]
-        sizes_t = torch.tensor(sizes, dtype=torch.float64)[:, None]
-        weights = ((torch.minimum(torch.maximum(cumulative, lows_t), highs_t) - lows_t) * sizes_t).sum(0)
-        j = int(torch.searchsorted(weights, float(budget)).clamp_max(BINS - 1))
-        width = (hi_value - lo_value) / BINS
-        new_lo = max(lo_value, lo_value + (j - 1) * width)
-        new_hi = min(hi_value, lo_value + (j + 2) * width)
-        new_below = _counts(costs, new_lo, strict=True)
-        if _weight(costs, lows, highs, sizes, new_below) >= budget:
-            new_lo, new_below = lo_value, below
-        if _weight(costs, lows, highs, sizes, _counts(costs, new_hi, strict=False)) < budget:
-            new_hi = hi_value
-        if (new_lo, new_hi) == (lo_value, hi_value):
-            break  # no progress (float rounding): finish exactly
-        lo_value, hi_value, below = new_lo, new_hi, new_below
-        inside = int(hist[:, max(j - 1, 0) : j + 2].sum()) + 1  # about what is left in range
-    if lo_value == hi_value:  # by the invariant, the crossing is this value
-        return lo_value
-    return _exact_crossing(costs, lows, highs, sizes, budget, lo_value, hi_value, below)
+) -> _Cut:
+    """The cut at the smallest cost ``v`` whose candidates ``<= v`` weigh at least ``budget``.
+
+    ``budget`` must be reachable: ``0 < budget <= _weight(lows, highs, sizes, sizes of costs)``.
+    """
+    dtype = _common_dtype(costs)
+    bracket = _bracket(costs, lows, highs, sizes, budget, dtype)
+    if bracket is not None:
+        cut = _bracketed(costs, lows, highs, sizes, budget, dtype, *bracket)
+        if cut is not None:
+            return cut
+    sources = [[chunk for _, chunk in _chunks(c)] for c in costs]
+    key, below, at_most = _radix(sources, [0] * len(costs), None, lows, highs, sizes, budget, dtype)
+    layers = [_Layer(c) for c in costs]
+    return _Cut(_from_key(key, dtype), dtype, below, at_most, layers)
 
 
-def _exact_crossing(
+# ---------------------------------------------------------------------------- 1. the sample
+def _bracket(
     costs: Sequence[Tensor],
     lows: Sequence[int],
     highs: Sequence[int],
     sizes: Sequence[int],
     budget: int,
-    lo_value: float,
-    hi_value: float,
-    below: Sequence[int],
-) -> float:
-    """Sort the values in ``[lo_value, hi_value]`` and walk the candidates to the crossing."""
-    values, weights = [], []
-    reached = _weight(costs, lows, highs, sizes, below)
-    for c, lo, hi, g, n in zip(costs, lows, highs, sizes, below, strict=True):
-        inside = c[(c >= lo_value) & (c <= hi_value)].sort().values
-        ranks = n + torch.arange(inside.numel(), device=c.device)
-        keep = (ranks >= lo) & (ranks < hi)
-        values.append(inside[keep].double().cpu())
-        weights.append(torch.full((_count(keep),), g, dtype=torch.int64))
-    merged = torch.cat(values)
-    order = merged.argsort(stable=True)
-    filled = reached + torch.cat(weights)[order].cumsum(0)
-    index = int(torch.searchsorted(filled, budget))
-    return float(merged[order[min(index, merged.numel() - 1)]])
+    dtype: torch.dtype,
+) -> tuple[float, float, float | None] | None:
+    """``(lo, hi, heavy)`` that very likely hold the crossing: ``lo <= v <= hi``; ``None`` when the
+    bracket would hold too many costs to extract."""
+    total = sum(c.numel() for c in costs)
+    wanted = min(SAMPLE, max(1024, total >> 5))
+    samples, scales, drawn = [], [], []
+    for c in costs:
+        n = c.numel()
+        if n == 0:
+            samples.append(torch.empty(0, dtype=torch.float64))
+            scales.append(1.0)
+            drawn.append(0)
+            continue
+        stride = max(1, n // max(1, -(-wanted * n // total)))
+        stride -= 1 if stride > 1 and stride % 2 == 0 else 0  # odd: crosses power-of-two periods
+        sample = _as(c[stride // 2 :: stride] if stride > 1 else c, dtype)
+        drawn.append(sample.numel())
+        scales.append(n / sample.numel())
+        sample = sample[~torch.isnan(sample)]  # NaN ranks above everything: it is only counted
+        samples.append(sample.sort().values.double().cpu())
+    pooled = torch.cat(samples).sort().values
+    if pooled.numel() == 0:
+        return None
+
+    def estimate(points: Tensor, right: bool = True) -> Tensor:
+        weight = torch.zeros_like(points)
+        for sample, scale, lo, hi, g in zip(samples, scales, lows, highs, sizes, strict=True):
+            count = torch.searchsorted(sample, points, right=right).double() * scale
+            weight += g * (count.clamp(lo, hi) - lo)
+        return weight
+
+    grid = torch.cat([pooled[:: max(1, pooled.numel() // GRID)], pooled[-1:]])
+    weights = estimate(grid)
+    j = int(torch.searchsorted(weights, float(budget)))
+    crossing = None
+    if j < grid.numel():
+        between = pooled[(pooled > grid[j - 1]) & (pooled <= grid[j])] if j else pooled[pooled <= grid[0]]
+        between = torch.unique_consecutive(between)
+        crossing = float(between[int(torch.searchsorted(estimate(between), float(budget)))])
+    # Standard error of the estimated weight at the crossing (layers sampled whole add none).
+    variance = 0.0
+    point = torch.tensor([crossing if crossing is not None else math.inf], dtype=torch.float64)
+    for sample, scale, m, g in zip(samples, scales, drawn, sizes, strict=True):
+        if scale > 1.0:
+            p = float(torch.searchsorted(sample, point, right=True)[0]) / m
+            p = min(max(p, 1.0 / m), 1.0 - 1.0 / m)
+            variance += (g * scale) ** 2 * m * p * (1.0 - p)
+    margin = SIGMAS * math.sqrt(variance) + max(sizes)
+    if crossing is not None:
+        point = torch.tensor([crossing], dtype=torch.float64)
+        if (
+            float(estimate(point, right=False)[0]) <= budget - margin
+            and float(estimate(point)[0]) >= budget + margin
+        ):
+            return crossing, crossing, crossing  # surely this value: count it, extract nothing
+    low_side = grid[weights <= budget - margin]
+    high_side = grid[weights >= budget + margin]
+    lo = (
+        float(torch.nextafter(low_side[-1:].to(dtype), torch.tensor([math.inf], dtype=dtype))[0])
+        if low_side.numel()
+        else -math.inf
+    )
+    hi = float(high_side[0]) if high_side.numel() else math.inf
+    if lo == hi:
+        return lo, hi, lo
+    inside = pooled[(pooled >= lo) & (pooled <= hi)]
+    heavy, heavy_share = None, 0.0
+    if inside.numel():
+        values, counts = torch.unique_consecutive(inside, return_counts=True)
+        top = int(counts.argmax())
+        heavy_share = float(counts[top]) / pooled.numel()
+        if heavy_share >= EXTRACT_LIMIT / 8:  # worth a comparison pass to keep it out of the extract
+            heavy = float(values[top])
+        else:
+            heavy_share = 0.0
+    if inside.numel() / pooled.numel() - heavy_share > EXTRACT_LIMIT * 0.75:
+        return None
+    return lo, hi, heavy
+
+
+# ---------------------------------------------------------------------------- 2. one pass
+def _bracketed(
+    costs: Sequence[Tensor],
+    lows: Sequence[int],
+    highs: Sequence[int],
+    sizes: Sequence[int],
+    budget: int,
+    dtype: torch.dtype,
+    lo: float,
+    hi: float,
+    heavy: float | None,
+) -> _Cut | None:
+    """One pass: masks of ``cost < lo``, counts, and the costs in ``[lo, hi]`` but ``heavy``.
+
+    ``None`` when the bracket missed the crossing or held too many costs to extract.
+    """
+    limit = max(SAMPLE, int(EXTRACT_LIMIT * sum(c.numel() for c in costs)))
+    extracted = 0
+    layers, below, inside = [], [], []
+    for c in costs:
+        base = torch.empty_like(c, dtype=torch.bool)
+        layer = _Layer(c, base)
+        n_below, positions, values = 0, [], []
+        scratch = torch.empty(
+            min(c.numel(), CHUNK if c.device.type == "cpu" else DEVICE_CHUNK),
+            dtype=torch.bool,
+            device=c.device,
+        )
+        for start, chunk in _chunks(c):
+            chunk = _as(chunk, dtype)
+            out = base[start : start + chunk.numel()]
+            torch.lt(chunk, lo, out=out)
+            n_below += int(torch.count_nonzero(out))
+            window = scratch[: chunk.numel()]
+            if lo != hi:
+                torch.le(chunk, hi, out=window)
+                window ^= out  # lo <= cost <= hi
+                if heavy is not None:
+                    equal = chunk == heavy
+                    layer.heavy_count += int(torch.count_nonzero(equal))
+                    window ^= equal  # heavy is in [lo, hi], so this removes exactly its copies
+                found = window.nonzero().flatten()
+                extracted += found.numel()
+                if extracted > limit:
+                    return None
+                positions.append(found + start)
+                values.append(chunk[found])
+            else:
+                torch.eq(chunk, heavy, out=window)
+                layer.heavy_count += int(torch.count_nonzero(window))
+        if positions:
+            layer.positions = torch.cat(positions)
+            layer.values = torch.cat(values)
+        layers.append(layer)
+        below.append(n_below)
+        count = layer.values.numel() if layer.values is not None else 0
+        inside.append(n_below + count + layer.heavy_count)
+    if _weight(lows, highs, sizes, below) >= budget or _weight(lows, highs, sizes, inside) < budget:
+        return None  # the sample misled: the crossing lies outside the bracket
+    sources = [[layer.values] if layer.values is not None else [] for layer in layers]
+    extra = None
+    if heavy is not None:
+        extra = (_key_of(heavy, dtype), [layer.heavy_count for layer in layers])
+    key_range = (_key_of(lo, dtype), _key_of(hi, dtype))
+    key, n_below, n_at_most = _radix(sources, below, extra, lows, highs, sizes, budget, dtype, key_range)
+    return _Cut(_from_key(key, dtype), dtype, n_below, n_at_most, layers, heavy)
+
+
+# ---------------------------------------------------------------------------- 3. radix select
+def _radix(
+    sources: Sequence[Sequence[Tensor]],
+    base: Sequence[int],
+    extra: tuple[int, Sequence[int]] | None,
+    lows: Sequence[int],
+    highs: Sequence[int],
+    sizes: Sequence[int],
+    budget: int,
+    dtype: torch.dtype,
+    key_range: tuple[int, int] | None = None,
+) -> tuple[int, list[int], list[int]]:
+    """Key of the crossing among the costs of ``sources`` (per layer, chunks), and per layer the
+    counts below it and at most it.
+
+    Args:
+        base: per layer, costs known to lie below every cost in its sources.
+        extra: one more key and, per layer, how many costs hold it (counted, not in the sources).
+        key_range: keys known to hold every cost of the sources and ``extra``.
+
+    Each round histograms the keys in the current range into at most :data:`RADIX_BINS` bins of
+    ``2**shift`` keys and keeps the bin where the weight reaches ``budget``, so the range shrinks by
+    ``RADIX_BINS`` per round until it is one key.
+    """
+    _, bits = _key_dtype(dtype)
+    top = (1 << (bits - 1)) - 1
+    low_key, high_key = key_range if key_range is not None else (_key_of(-math.inf, dtype), top)
+    base_t = torch.tensor(base, dtype=torch.int64)[:, None]
+    lows_t = torch.tensor(lows, dtype=torch.int64)[:, None]
+    highs_t = torch.tensor(highs, dtype=torch.int64)[:, None]
+    sizes_t = torch.tensor(sizes, dtype=torch.int64)[:, None]
+    while True:
+        shift = 0
+        while (high_key >> shift) - (low_key >> shift) + 1 > RADIX_BINS:
+            shift += 1
+        bins = (high_key >> shift) - (low_key >> shift) + 1
+        origin = (low_key >> shift) - 1  # bin 0: keys below the range's first bin; bins + 1: above
+        histograms = []
+        for chunks in sources:
+            histogram = torch.zeros(bins + 2, dtype=torch.int64)
+            for chunk in chunks:
+                keys = _keys(_as(chunk, dtype))
+                if shift:
+                    index = keys.bitwise_right_shift_(shift).sub_(origin).clamp_(0, bins + 1)
+                else:  # clamp first, so that key - origin cannot overflow
+                    index = keys.clamp_(origin, min(high_key + 1, top)).sub_(origin)
+                histogram += torch.bincount(index, minlength=bins + 2).cpu()
+            histograms.append(histogram)
+        counts = torch.stack(histograms)
+        if extra is not None:
+            key, per_layer = extra
+            counts[:, min(max((key >> shift) - origin, 0), bins + 1)] += torch.tensor(
+                per_layer, dtype=torch.int64
+            )
+        at_most = base_t + counts.cumsum(1)  # per layer, costs up to the last key of each bin
+        weights = ((at_most.clamp(lows_t, highs_t) - lows_t) * sizes_t).sum(0)
+        j = int(torch.searchsorted(weights, budget))
+        # The crossing lies in the range, so in one of its bins (never bin 0 or bins + 1).
+        assert 1 <= j <= bins, "crossing outside the radix range"
+        if shift == 0:  # single-key bins: the crossing is this bin's key
+            return origin + j, at_most[:, j - 1].tolist(), at_most[:, j].tolist()
+        low_key = max(low_key, (origin + j) << shift)
+        high_key = min(high_key, ((origin + j + 1) << shift) - 1)

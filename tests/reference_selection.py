@@ -1,6 +1,8 @@
 """Reference selection for tests: the first, sort-based implementation of lightning_prune.thresholds.
 
-Simple and exact, O(N log N); the library's histogram version must choose exactly the same groups.
+Simple and exact, O(N log N); the library's sort-free version must choose exactly the same groups.
+The order is torch's stable sort: ascending by value with NaN after +inf, ``-0.0`` equal to ``0.0``,
+equal costs by layer, then by position.
 
 Both honour per-layer sparsity bounds. Global selection is exact: it prunes the lowest-cost groups
 subject to every layer staying within ``[min, max]``, which is the same as one threshold ``tau`` with
@@ -70,10 +72,10 @@ def _global_counts(
     device = layers[0].costs.device
     cand_costs, cand_sizes, cand_layers = [], [], []
     for index, (layer, order, (lo, hi)) in enumerate(zip(layers, orders, bounds, strict=True)):
-        cand_costs.append(layer.costs[order[lo:hi]].float())
+        cand_costs.append(layer.costs[order[lo:hi]])
         cand_sizes.append(torch.full((hi - lo,), layer.group_size, dtype=torch.int64, device=device))
         cand_layers.append(torch.full((hi - lo,), index, dtype=torch.int64, device=device))
-    costs = torch.cat(cand_costs)
+    costs = torch.cat(cand_costs)  # promotes mixed dtypes, as the library compares them
     if costs.numel() == 0:
         return counts
     rank = costs.argsort(stable=True)
