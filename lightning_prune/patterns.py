@@ -276,11 +276,11 @@ class NMPattern(Pattern):
     def group_costs(self, scores: Tensor) -> Tensor:
         """The reduced scores of each group's ``m - n`` lowest weights (ascending, NaN highest)."""
         groups = self.group_view(scores)
+        reduce = REDUCTIONS[self.reduce]
         if self.m <= NM_COMPARE_MAX:
-            lost = _nm_lowest_values(groups, self.m - self.n)
-        else:
-            lost = groups.gather(-1, groups.argsort(dim=-1, stable=True)[..., : self.m - self.n])
-        return REDUCTIONS[self.reduce](lost, (-1,))
+            return _nm_reduce_lowest(groups, self.m - self.n, reduce)
+        lost = groups.gather(-1, groups.argsort(dim=-1, stable=True)[..., : self.m - self.n])
+        return reduce(lost, (-1,))
 
     def pruned_elements(self, pruned_groups: Tensor, scores: Tensor) -> Tensor:
         """In each pruned group, its ``m - n`` lowest weights in the order of a stable sort: by
@@ -369,17 +369,19 @@ def _nm_row_blocks(groups: Tensor) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, groups.shape[0], rows)]
 
 
-def _nm_lowest_values(groups: Tensor, count: int) -> Tensor:
-    """The ``count`` lowest values of each group (last dim), ascending with NaN highest, as
-    ``(..., count)``: a sorting network cut down to the outputs needed, a few elementwise
-    min/max passes instead of a per-group argsort."""
+def _nm_reduce_lowest(
+    groups: Tensor, count: int, reduce: Callable[[Tensor, tuple[int, ...]], Tensor]
+) -> Tensor:
+    """``reduce`` over the ``count`` lowest values of each group (last dim), taken in ascending order
+    with NaN highest, block by block: a sorting network cut down to the outputs needed, a few
+    elementwise min/max passes instead of a per-group argsort."""
     plan, needed = [], set(range(count))
     for i, j in reversed(_sorting_network(groups.shape[-1])):  # what the wanted outputs depend on
         if i in needed or j in needed:
             plan.append((i, j, i in needed, j in needed))
             needed |= {i, j}
     plan.reverse()
-    out = torch.empty((*groups.shape[:-1], count), dtype=groups.dtype, device=groups.device)
+    out = torch.empty(groups.shape[:-1], dtype=groups.dtype, device=groups.device)
     for block in _nm_row_blocks(groups):
         columns = list(groups[block].unbind(-1))
         for i, j, low, high in plan:
@@ -388,7 +390,7 @@ def _nm_lowest_values(groups: Tensor, count: int) -> Tensor:
                 columns[i] = torch.fmin(a, b)  # fmin passes NaN over ...
             if high:
                 columns[j] = torch.maximum(a, b)  # ... and maximum keeps it: NaN sorts last
-        torch.stack(columns[:count], dim=-1, out=out[block])
+        out[block] = reduce(torch.stack(columns[:count], dim=-1), (-1,))
     return out
 
 
