@@ -246,6 +246,7 @@ class _Cut:
     at_most: list[int]
     layers: list[_Layer]
     heavy: float | None = None
+    heavy_in_base: bool = False  # whether the base masks hold every copy of the heavy value
 
     def mask(self, i: int, count: int) -> Tensor:
         """Layer ``i``'s mask of its ``count`` lowest costs (``below[i] <= count <= at_most[i]``)."""
@@ -268,10 +269,12 @@ class _Cut:
             if ties > 0 and not (self.heavy is not None and self.heavy == v):
                 mask[layer.positions[layer.values == v][:ties]] = True
         if self.heavy is not None and layer.heavy_count:
-            if self.heavy < v:
-                _add_first(layer.costs, mask, self.heavy, self.dtype, layer.heavy_count)
-            elif self.heavy == v:
-                _add_first(layer.costs, mask, v, self.dtype, ties)
+            h, copies = self.heavy, layer.heavy_count
+            wanted = copies if h < v else ties if h == v else 0  # the first `wanted` copies belong in
+            if self.heavy_in_base:
+                _remove_last(layer.costs, mask, h, self.dtype, copies - wanted)
+            else:
+                _add_first(layer.costs, mask, h, self.dtype, wanted)
         layer.base = None  # the mask now belongs to the caller
         return mask
 
@@ -293,6 +296,22 @@ def _add_first(costs: Tensor, mask: Tensor, value: float, dtype: torch.dtype, co
     return mask
 
 
+def _remove_last(costs: Tensor, mask: Tensor, value: float, dtype: torch.dtype, count: int) -> Tensor:
+    """Clear ``mask`` at the last ``count`` positions where ``costs == value``."""
+    for start, chunk in reversed(_chunks(costs)):
+        if count <= 0:
+            break
+        equal = _as(chunk, dtype) == value
+        found = int(torch.count_nonzero(equal))
+        out = mask[start : start + chunk.numel()]
+        if found <= count:
+            out &= ~equal
+        else:
+            out[equal.nonzero().flatten()[found - count :]] = False
+        count -= found
+    return mask
+
+
 def _crossing(
     costs: Sequence[Tensor], lows: Sequence[int], highs: Sequence[int], sizes: Sequence[int], budget: int
 ) -> _Cut:
@@ -303,7 +322,7 @@ def _crossing(
     dtype = _common_dtype(costs)
     bracket = _bracket(costs, lows, highs, sizes, budget, dtype)
     if bracket is not None:
-        cut = _bracketed(costs, lows, highs, sizes, budget, dtype, *bracket)
+        cut = _bracketed(costs, lows, highs, sizes, budget, dtype, bracket)
         if cut is not None:
             return cut
     sources = [[chunk for _, chunk in _chunks(c)] for c in costs]
@@ -320,9 +339,9 @@ def _bracket(
     sizes: Sequence[int],
     budget: int,
     dtype: torch.dtype,
-) -> tuple[float, float, float | None] | None:
-    """``(lo, hi, heavy)`` that very likely hold the crossing: ``lo <= v <= hi``; ``None`` when the
-    bracket would hold too many costs to extract."""
+) -> _Bracket | None:
+    """A bracket that very likely holds the crossing; ``None`` when it would hold too many costs to
+    extract."""
     total = sum(c.numel() for c in costs)
     wanted = min(SAMPLE, max(1024, total >> 5))
     samples, scales, drawn = [], [], []
@@ -370,11 +389,11 @@ def _bracket(
     margin = SIGMAS * math.sqrt(variance) + max(sizes)
     if crossing is not None:
         point = torch.tensor([crossing], dtype=torch.float64)
-        if (
-            float(estimate(point, right=False)[0]) <= budget - margin
-            and float(estimate(point)[0]) >= budget + margin
-        ):
-            return crossing, crossing, crossing  # surely this value: count it, extract nothing
+        before, through = float(estimate(point, right=False)[0]), float(estimate(point)[0])
+        if before <= budget - margin and through >= budget + margin:
+            # Surely this value: count it, extract nothing. Most of its copies go in? Then the
+            # masks take them all now and give back the last ones (fewer comparisons).
+            return _Bracket(crossing, crossing, crossing, (budget - before) / (through - before) > 0.5)
     low_side = grid[weights <= budget - margin]
     high_side = grid[weights >= budget + margin]
     lo = (
@@ -384,20 +403,32 @@ def _bracket(
     )
     hi = float(high_side[0]) if high_side.numel() else math.inf
     if lo == hi:
-        return lo, hi, lo
+        return _Bracket(lo, hi, lo, False)
     inside = pooled[(pooled >= lo) & (pooled <= hi)]
-    heavy, heavy_share = None, 0.0
+    heavy, heavy_share, heavy_in = None, 0.0, False
     if inside.numel():
         values, counts = torch.unique_consecutive(inside, return_counts=True)
         top = int(counts.argmax())
-        heavy_share = float(counts[top]) / pooled.numel()
-        if heavy_share >= EXTRACT_LIMIT / 8:  # worth a comparison pass to keep it out of the extract
-            heavy = float(values[top])
-        else:
-            heavy_share = 0.0
+        if float(counts[top]) / pooled.numel() >= EXTRACT_LIMIT / 8:  # worth a comparison pass
+            heavy, heavy_share = float(values[top]), float(counts[top]) / pooled.numel()
+            point = torch.tensor([heavy], dtype=torch.float64)
+            before, through = float(estimate(point, right=False)[0]), float(estimate(point)[0])
+            heavy_in = (budget - before) / max(through - before, 1.0) > 0.5
     if inside.numel() / pooled.numel() - heavy_share > EXTRACT_LIMIT * 0.75:
         return None
-    return lo, hi, heavy
+    return _Bracket(lo, hi, heavy, heavy_in)
+
+
+@dataclass(frozen=True)
+class _Bracket:
+    """Costs ``< lo`` are below the crossing, costs ``> hi`` above it; ``heavy`` (in ``[lo, hi]``) is a
+    value with many copies, counted rather than extracted; ``heavy_in``: whether the masks should
+    start with its copies (most of them are likely below the crossing or at it)."""
+
+    lo: float
+    hi: float
+    heavy: float | None
+    heavy_in: bool
 
 
 # ---------------------------------------------------------------------------- 2. one pass
@@ -408,14 +439,14 @@ def _bracketed(
     sizes: Sequence[int],
     budget: int,
     dtype: torch.dtype,
-    lo: float,
-    hi: float,
-    heavy: float | None,
+    bracket: _Bracket,
 ) -> _Cut | None:
-    """One pass: masks of ``cost < lo``, counts, and the costs in ``[lo, hi]`` but ``heavy``.
+    """One pass: masks of ``cost < lo`` (and ``== heavy`` when it goes in), counts, and the costs in
+    ``[lo, hi]`` other than ``heavy``, with their positions.
 
     ``None`` when the bracket missed the crossing or held too many costs to extract.
     """
+    lo, hi, heavy = bracket.lo, bracket.hi, bracket.heavy
     limit = max(SAMPLE, int(EXTRACT_LIMIT * sum(c.numel() for c in costs)))
     extracted = 0
     layers, below, inside = [], [], []
@@ -431,15 +462,21 @@ def _bracketed(
         for start, chunk in _chunks(c):
             chunk = _as(chunk, dtype)
             out = base[start : start + chunk.numel()]
-            torch.lt(chunk, lo, out=out)
-            n_below += int(torch.count_nonzero(out))
+            if lo == -math.inf:
+                out.zero_()
+            else:
+                torch.lt(chunk, lo, out=out)
+                n_below += int(torch.count_nonzero(out))
             window = scratch[: chunk.numel()]
             if lo != hi:
                 torch.le(chunk, hi, out=window)
                 window ^= out  # lo <= cost <= hi
-                if heavy is not None:
-                    equal = chunk == heavy
-                    layer.heavy_count += int(torch.count_nonzero(equal))
+            equal = None
+            if heavy is not None:
+                equal = torch.eq(chunk, heavy, out=window if lo == hi else None)
+                layer.heavy_count += int(torch.count_nonzero(equal))
+            if lo != hi:
+                if equal is not None:
                     window ^= equal  # heavy is in [lo, hi], so this removes exactly its copies
                 found = window.nonzero().flatten()
                 extracted += found.numel()
@@ -447,9 +484,8 @@ def _bracketed(
                     return None
                 positions.append(found + start)
                 values.append(chunk[found])
-            else:
-                torch.eq(chunk, heavy, out=window)
-                layer.heavy_count += int(torch.count_nonzero(window))
+            if equal is not None and bracket.heavy_in:
+                out |= equal
         if positions:
             layer.positions = torch.cat(positions)
             layer.values = torch.cat(values)
@@ -465,7 +501,7 @@ def _bracketed(
         extra = (_key_of(heavy, dtype), [layer.heavy_count for layer in layers])
     key_range = (_key_of(lo, dtype), _key_of(hi, dtype))
     key, n_below, n_at_most = _radix(sources, below, extra, lows, highs, sizes, budget, dtype, key_range)
-    return _Cut(_from_key(key, dtype), dtype, n_below, n_at_most, layers, heavy)
+    return _Cut(_from_key(key, dtype), dtype, n_below, n_at_most, layers, heavy, bracket.heavy_in)
 
 
 # ---------------------------------------------------------------------------- 3. radix select
