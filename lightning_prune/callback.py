@@ -38,7 +38,7 @@ from lightning_prune.plots import curve_figure, figure_png, figure_rgb
 from lightning_prune.progressive import Progressive
 from lightning_prune.pruner import Pruner, PruningEvent
 from lightning_prune.regularizers import Regularizer
-from lightning_prune.report import SparsityReport, sparsity_report
+from lightning_prune.report import SparsityReport, describe_left_out, sparsity_report
 from lightning_prune.schedules import (
     Schedule,
     check_curve,
@@ -130,7 +130,11 @@ class PruningCallback(Callback):
             matching modules are pruned.
         exclude: a regex or list of regexes over qualified module names that are never pruned.
         op_types: module class names whose weights are pruned; subclasses count.
-        skip_last_layer: leave the last matching module in registration order (the head) dense.
+        skip_last_layer: leave the model's last layer in registration order (the head) dense, and the
+            embedding its weight is tied to, if any.
+        skip_embeddings: leave embeddings dense: ``nn.Embedding`` and modules under a name with
+            ``embed`` in it (Hugging Face embeddings, ViT patch embeddings, CNN stems named so); an
+            ``include`` regex overrides this.
         min_sparsity_per_layer: least sparsity of any targeted layer (global scope).
         max_sparsity_per_layer: most sparsity of any targeted layer.
         progressive: for structured patterns, zero newly pruned groups gradually over the next
@@ -170,6 +174,7 @@ class PruningCallback(Callback):
         exclude: str | list[str] | None = None,
         op_types: Sequence[str] = DEFAULT_OP_TYPES,
         skip_last_layer: bool = True,
+        skip_embeddings: bool = True,
         min_sparsity_per_layer: float = 0.0,
         max_sparsity_per_layer: float = 0.98,
         progressive: bool | Progressive = False,
@@ -189,6 +194,7 @@ class PruningCallback(Callback):
             exclude=exclude,  # type: ignore[arg-type]
             op_types=op_types,  # type: ignore[arg-type]
             skip_last_layer=skip_last_layer,
+            skip_embeddings=skip_embeddings,
             min_sparsity_per_layer=min_sparsity_per_layer,
             max_sparsity_per_layer=max_sparsity_per_layer,
             progressive=progressive,  # type: ignore[arg-type]
@@ -482,20 +488,19 @@ class PruningCallback(Callback):
         self._restored, self._checkpoint_step, self._first_batch_start = None, None, None
 
     def layer_report(self, model: pl.LightningModule) -> SparsityReport:
-        """:func:`~lightning_prune.sparsity_report` of ``model``'s ``op_types`` layers, with the pattern
-        of each targeted layer and why any other is dense (zeros counted from the weights)."""
+        """:func:`~lightning_prune.sparsity_report` of every weight of ``model`` with 2 or more dims,
+        with the pattern of each targeted layer and why any other is dense (zeros counted from the
+        weights)."""
         if self.pruner is None:
             raise RuntimeError("layer_report needs the pruner, which is built at the start of fit")
         targeted = {t.name for t in self.pruner.targets}
-        report = sparsity_report(model, op_types=self.options.op_types)
+        left_out = self.pruner.left_out
         layers = []
-        for layer in report.layers:
+        for layer in sparsity_report(model).layers:
             if layer.name in targeted:
                 pattern = str(self.options.pattern)
-            elif layer.name in self.pruner.skipped:
-                pattern = "dense (pattern does not tile)"
             else:
-                pattern = "dense (not selected)"
+                pattern = f"dense: {left_out[layer.name][1] if layer.name in left_out else 'not selected'}"
             layers.append(replace(layer, pattern=pattern))
         return SparsityReport(tuple(layers))
 
@@ -536,6 +541,8 @@ class PruningCallback(Callback):
             f"{self.options.target_sparsity:.0%} with pattern {str(self.options.pattern)!r}, "
             f"criterion {self.options.criterion!r}, {self.options.scope} scope, {window}"
         )
+        if pruner.left_out:
+            rank_zero_info(describe_left_out(pruner.left_out, pruner.left_out_share()))
         if origin == "checkpoint":
             rank_zero_info(f"lightning_prune: resumed the checkpoint's pruning state at step {pruner.step}")
         elif origin == "previous fit":

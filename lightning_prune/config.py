@@ -34,6 +34,7 @@ class PruningConfig:
     exclude: Any = None
     op_types: list[str] = field(default_factory=lambda: list(DEFAULT_OP_TYPES))
     skip_last_layer: bool = True
+    skip_embeddings: bool = True
     min_sparsity_per_layer: float = 0.0
     max_sparsity_per_layer: float = 0.98
     progressive: bool = False

@@ -31,7 +31,10 @@ class PruningOptions:
         include: regexes (``re.search``) over qualified module names; only matches are pruned.
         exclude: regexes over qualified module names that are never pruned.
         op_types: module class names whose weights are pruned (subclasses count).
-        skip_last_layer: leave the last targeted module in registration order (the head) dense.
+        skip_last_layer: leave the model's last layer in registration order (the head) dense, and
+            the embedding it is tied to, if any.
+        skip_embeddings: leave embeddings dense: ``nn.Embedding`` and modules under a name with
+            ``embed`` in it (patch embeddings, stems); an ``include`` regex overrides this.
         min_sparsity_per_layer: least sparsity of any targeted layer.
         max_sparsity_per_layer: most sparsity of any targeted layer.
         progressive: ease newly pruned structured groups in over several steps: ``True`` for the
@@ -48,6 +51,7 @@ class PruningOptions:
     exclude: tuple[re.Pattern[str], ...] = ()
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     skip_last_layer: bool = True
+    skip_embeddings: bool = True
     min_sparsity_per_layer: float = 0.0
     max_sparsity_per_layer: float = 0.98
     progressive: Progressive | None = None
@@ -73,8 +77,9 @@ class PruningOptions:
         set_(self, "include", _compiled("include", self.include))
         set_(self, "exclude", _compiled("exclude", self.exclude))
         set_(self, "op_types", _op_types(self.op_types))
-        if not isinstance(self.skip_last_layer, bool):
-            raise ValueError(f"skip_last_layer={self.skip_last_layer!r} must be true or false")
+        for key in ("skip_last_layer", "skip_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}={getattr(self, key)!r} must be true or false")
         low = check_fraction("min_sparsity_per_layer", self.min_sparsity_per_layer, upper_inclusive=True)
         high = check_fraction("max_sparsity_per_layer", self.max_sparsity_per_layer, upper_inclusive=True)
         set_(self, "min_sparsity_per_layer", low)

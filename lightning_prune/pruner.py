@@ -27,12 +27,16 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.masking import OptimizerTargets, step_mask, zero_pruned
 from lightning_prune.options import PruningOptions
+from lightning_prune.patterns import Pattern
 from lightning_prune.progressive import interval_mask, plan_fade, resolve_steps
 from lightning_prune.schedules import Schedule
 from lightning_prune.state import STATE_VERSION, check_header, check_state, compare_settings
 from lightning_prune.targets import Target, select_targets
 from lightning_prune.thresholds import LayerGroups, select_groups
 
+#: Why a selected layer is left dense after all (see ``Pruner.left_out``).
+UNTILED = "the pattern cannot tile it"
+FROZEN = "frozen (requires_grad=False) under a gradient criterion"
 #: Events over at least this many weights report their progress (about a second's work on a CPU).
 PROGRESS_MIN_WEIGHTS = 50_000_000
 
@@ -49,6 +53,25 @@ def broadcast_from_rank_zero(tensors: list[Tensor]) -> None:
     dist.broadcast(flat, src=0)
     for tensor, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
         tensor.copy_(chunk.view(tensor.dtype).view(tensor.shape))
+
+
+def tiling_error(pattern: Pattern, target: Target, max_sparsity: float = 1.0) -> str | None:
+    """Why ``pattern`` cannot serve ``target`` in its layout, or ``None`` when it can.
+
+    Stacked projections (q, k, v rows) must each be tiled on their own, and a layer whose smallest
+    group is more than ``max_sparsity`` of it (whole input channels of a depthwise convolution,
+    where one channel is the whole filter) could never lose a group.
+    """
+    shape = torch.Size(target.layout.block_shape(tuple(target.param.shape)))
+    reason = pattern.tiling_error(shape)
+    if reason is None and shape.numel() and pattern.group_size(shape) / shape.numel() > max_sparsity:
+        share = pattern.group_size(shape) / shape.numel()
+        reason = (
+            f"pattern {str(pattern)!r} groups weight shape {tuple(target.param.shape)} ({target.layout.name}) "
+            f"so that one group is {share:.0%} of it, above max_sparsity_per_layer={max_sparsity}: "
+            "no group of it could ever be pruned"
+        )
+    return reason
 
 
 @dataclass(frozen=True)
@@ -85,22 +108,26 @@ class Pruner:
         self.options = options or PruningOptions()
         self.schedule = schedule
         pattern = self.options.pattern
-        candidates = select_targets(
+        selection = select_targets(
             model,
             include=self.options.include,
             exclude=self.options.exclude,
             op_types=self.options.op_types,
             skip_last_layer=self.options.skip_last_layer,
+            skip_embeddings=self.options.skip_embeddings,
         )
+        #: Every weight of 2 or more dims that is not a target: ``name -> (numel, reason)``.
+        self.left_out: dict[str, tuple[int, str]] = dict(selection.left_out)
         #: Layers left dense because the pattern cannot tile them, with the reason.
         self.skipped: dict[str, str] = {}
         self.targets: list[Target] = []
-        for target in candidates:
-            reason = pattern.tiling_error(target.param.shape)
+        for target in selection.targets:
+            reason = tiling_error(pattern, target, self.options.max_sparsity_per_layer)
             if reason is None:
                 self.targets.append(target)
             else:
                 self.skipped[target.name] = reason
+                self.left_out[target.name] = (target.param.numel(), UNTILED)
         if self.skipped:
             rank_zero_warn(
                 f"lightning_prune leaves {len(self.skipped)} layer(s) dense because pattern {str(pattern)!r} "
@@ -154,7 +181,16 @@ class Pruner:
                 "(requires_grad=False): they stay dense for this run. Unfreeze them before fit, exclude "
                 "them to silence this, or use criterion='magnitude' to prune them too"
             )
+        for target in targets:
+            if not target.param.requires_grad:
+                self.left_out[target.name] = (target.param.numel(), FROZEN)
         return [t for t in targets if t.param.requires_grad]
+
+    def left_out_share(self) -> float:
+        """Fraction of the model's weights of 2 or more dims (each tensor once) that are not pruned."""
+        left = sum(numel for numel, _ in self.left_out.values())
+        total = left + sum(t.param.numel() for t in self.targets)
+        return left / total if total else 0.0
 
     def start_at(self, step: int) -> None:
         """Count from ``step``: the optimizer already took that many steps, without pruning state.
@@ -237,7 +273,9 @@ class Pruner:
         regularizer = self.options.regularizer
         if regularizer is not None and self.step <= self.schedule.end_step:
             for index, group in owned:
-                regularizer.apply(self.targets[index].param, float(group["lr"]), self.options.pattern)
+                target = self.targets[index]
+                standard = target.layout.to_standard(target.param)
+                regularizer.apply(standard, float(group["lr"]), self.options.pattern)
         fading = self._fade_stages is not None
         if fading:
             self._advance_fade()  # applies every mask
@@ -304,9 +342,10 @@ class Pruner:
                     f"lightning_prune: {target.name} has NaN scores; those weights are pruned first"
                 )
                 score.masked_fill_(score.isnan(), float("-inf"))
-            costs = pattern.group_costs(score)
-            layers.append(LayerGroups(costs.flatten(), pattern.group_size(score.shape), score.numel()))
-            scores.append((score, costs.shape))
+            standard = target.layout.to_standard(score)  # patterns read (out, in, *kernel)
+            costs = pattern.group_costs(standard)
+            layers.append(LayerGroups(costs.flatten(), pattern.group_size(standard.shape), score.numel()))
+            scores.append((standard, costs.shape))
         say(
             f"lightning_prune: event at step {self.step}: selecting groups ({time.perf_counter() - started:.1f} s)"
         )
@@ -327,12 +366,14 @@ class Pruner:
         ]
         broadcast_from_rank_zero(keeps)
         stages, pruned_counts = [], []
-        for mask, keep, (score, _) in zip(self.masks, keeps, scores, strict=True):
+        for target, mask, keep, (score, _) in zip(self.targets, self.masks, keeps, scores, strict=True):
             pruned_counts.append(keep.numel() - torch.count_nonzero(keep))
+            layout = target.layout
             if progressive is None or progressive.steps == 1:
-                mask.copy_(keep)
+                mask.copy_(layout.from_standard(keep))
             else:
-                stages.append(plan_fade(pattern, mask, keep, score, progressive))
+                stage = plan_fade(pattern, layout.to_standard(mask), keep, score, progressive)
+                stages.append(layout.from_standard(stage).contiguous())
         broadcast_from_rank_zero(stages)
         if stages:
             self._fade_stages, self._fade_position, self._fade_steps = stages, 0, progressive.steps

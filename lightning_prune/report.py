@@ -19,8 +19,9 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from lightning_prune.files import write_atomically
+from lightning_prune.layouts import STANDARD, Layout
 from lightning_prune.patterns import to_canonical
-from lightning_prune.targets import plain_name
+from lightning_prune.targets import is_op_type, model_weights
 
 
 @dataclass(frozen=True)
@@ -28,17 +29,23 @@ class LayerSparsity:
     """Zeros in one layer's weight.
 
     Args:
-        name: qualified module name (``torch.compile``'s ``_orig_mod`` removed).
-        type: module class name.
-        shape: weight shape.
+        name: qualified module name (``torch.compile``'s ``_orig_mod`` removed), with
+            ``.<parameter>`` for a parameter not called ``weight``; a tied weight once, under the
+            first module that holds it.
+        type: module class name (``Parameter`` for a tensor no layer type reads, like ViT's
+            position embeddings).
+        shape: weight shape, as stored.
         numel: number of weights.
         zeros: number of weights that are exactly zero.
         sparsity: ``zeros / numel``.
-        zero_rows: output rows (Linear) or filters (Conv) that are entirely zero.
-        zero_channels: input columns (Linear) or input channels (Conv) that are entirely zero.
+        zero_rows: output rows (Linear) or filters (Conv) that are entirely zero, read through the
+            layer's layout (a Hugging Face ``Conv1D`` stores outputs as columns).
+        zero_channels: input columns (Linear) or input channels (Conv; of every group of a grouped
+            convolution) that are entirely zero.
         is_2of4: whether every group of 4 consecutive input weights holds at most 2 non-zeros
             (``False`` when the input size is not a multiple of 4).
-        pattern: how the layer was pruned, when the caller knows (``""`` otherwise).
+        pattern: how the layer was pruned, or why it was left dense, when the caller knows.
+        layout: how the stored weight maps to ``(out, in, *kernel)`` (see ``layouts.py``).
     """
 
     name: str
@@ -51,6 +58,7 @@ class LayerSparsity:
     zero_channels: int
     is_2of4: bool
     pattern: str = ""
+    layout: str = "standard"
 
 
 @dataclass(frozen=True)
@@ -127,31 +135,62 @@ class SparsityReport:
         write_atomically(path, buffer.getvalue())
 
 
-def _weights(model: nn.Module, op_types: Sequence[str] | None) -> Iterable[tuple[str, nn.Module, Tensor]]:
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() < 2:
-            continue
-        if op_types is not None and not any(cls.__name__ in op_types for cls in type(module).__mro__):
-            continue
-        if id(weight) in seen:  # tied weights (e.g. embedding and head) count once
-            continue
-        seen.add(id(weight))
-        yield plain_name(name), module, weight
+def describe_left_out(left_out: dict[str, tuple[int, str]], share: float) -> str:
+    """One message: the share of the model's weights left dense, by reason, naming the layers."""
+    by_reason: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
+    for name, (numel, reason) in left_out.items():
+        by_reason.setdefault(reason, []).append(name)
+        sizes[reason] = sizes.get(reason, 0) + numel
+    parts = []
+    for reason, names in by_reason.items():
+        shown = names if len(names) <= 4 else [*names[:3], f"... {len(names) - 3} more"]
+        parts.append(f"{reason}: {sizes[reason]:,} weights in {shown}")
+    return (
+        f"lightning_prune leaves {share:.1%} of the model's weights with 2 or more dims dense; "
+        + "; ".join(parts)
+    )
+
+
+def _weights(model: nn.Module, op_types: Sequence[str] | None) -> Iterable[tuple[str, str, Tensor, Layout]]:
+    """``(name, type, weight, layout)`` of every tensor of 2 or more dims, each once."""
+    weights, _, others = model_weights(model)
+    for weight in weights:
+        holders = [h for h in weight.holders if op_types is None or is_op_type(h[1], op_types)]
+        if holders:
+            name, module, param_name, layout = holders[0]
+            yield name, type(module).__name__, getattr(module, param_name), layout
+    if op_types is None:
+        params = dict(model.named_parameters())
+        for name, _ in others.items():
+            yield name, "Parameter", params.get(name, _find(model, name)), STANDARD
+
+
+def _find(model: nn.Module, name: str) -> Tensor:
+    # A name as plain_name wrote it (no torch.compile wrapper): look it up without the wrapper.
+    for full, param in model.named_parameters():
+        if ".".join(p for p in full.split(".") if p != "_orig_mod") == name:
+            return param
+    raise KeyError(name)
 
 
 @torch.no_grad()
-def layer_sparsity(name: str, module: nn.Module, weight: Tensor, pattern: str = "") -> LayerSparsity:
-    """Count the zeros of one ``weight`` (shape ``(out, in, *kernel)``) and the structure they form."""
-    zero = to_canonical(weight.detach()) == 0  # (out, K, in)
+def layer_sparsity(
+    name: str, kind: str, weight: Tensor, pattern: str = "", layout: Layout = STANDARD
+) -> LayerSparsity:
+    """Count the zeros of one ``weight`` and the structure they form in its ``layout``."""
+    standard = layout.to_standard(weight.detach())
+    zero = to_canonical(standard) == 0  # (out, K, in)
     out, kernel, inputs = zero.shape
     nonzero_per_quad = (~zero).reshape(out, kernel, inputs // 4, 4).sum(-1) if inputs % 4 == 0 else None
+    groups = layout.groups
+    # Input channel j of group g is read only by that group's filters: zero when they all skip it.
+    by_group = zero.reshape(groups, out // groups, kernel, inputs)
     counts = torch.stack(
         [
             zero.sum(),
             zero.all(dim=2).all(dim=1).sum(),
-            zero.all(dim=1).all(dim=0).sum(),
+            by_group.all(dim=2).all(dim=1).sum(),
             (nonzero_per_quad > 2).sum()
             if nonzero_per_quad is not None
             else zero.new_ones((), dtype=torch.long),
@@ -160,7 +199,7 @@ def layer_sparsity(name: str, module: nn.Module, weight: Tensor, pattern: str = 
     numel = weight.numel()
     return LayerSparsity(
         name=name,
-        type=type(module).__name__,
+        type=kind,
         shape=tuple(weight.shape),
         numel=numel,
         zeros=counts[0],
@@ -169,18 +208,22 @@ def layer_sparsity(name: str, module: nn.Module, weight: Tensor, pattern: str = 
         zero_channels=counts[2],
         is_2of4=counts[3] == 0,
         pattern=pattern,
+        layout=layout.name,
     )
 
 
 def sparsity_report(model: nn.Module, op_types: Sequence[str] | None = None) -> SparsityReport:
-    """Count the zeros of every weight of ``model`` that has at least 2 dims (Linear, Conv, Embedding...).
+    """Count the zeros of every parameter of ``model`` that has at least 2 dims, each tensor once.
 
-    Works on any model, also one pruned elsewhere: it reads the weights, not masks.
+    Works on any model, also one pruned elsewhere: it reads the weights, not masks. Layers are read
+    through their layout (``layouts.py``): a Hugging Face ``Conv1D``'s rows are its inputs, an
+    ``nn.MultiheadAttention``'s ``in_proj_weight`` is reported, a weight tied to another module
+    once. Tensors no layer type reads (ViT's position embeddings) are reported as ``Parameter``.
 
     Args:
         model: the network to inspect.
-        op_types: module class names to report (subclasses count); ``None`` reports every module
-            with a weight of 2 or more dims.
+        op_types: module class names to report (subclasses count); ``None`` reports every
+            parameter with 2 or more dims.
 
     Returns:
         the per-layer counts and, as properties, the overall ``numel``, ``zeros`` and ``sparsity``.
@@ -196,4 +239,8 @@ def sparsity_report(model: nn.Module, op_types: Sequence[str] | None = None) -> 
     """
     if op_types is not None and (isinstance(op_types, str) or not all(isinstance(t, str) for t in op_types)):
         raise ValueError(f"op_types={op_types!r} must be a list of module class names, or None for all")
-    return SparsityReport(tuple(layer_sparsity(*entry) for entry in _weights(model, op_types)))
+    layers = (
+        layer_sparsity(name, kind, weight, layout=layout)
+        for name, kind, weight, layout in _weights(model, op_types)
+    )
+    return SparsityReport(tuple(layers))

@@ -81,7 +81,7 @@ def test_layers_csv_counts_zeros_of_every_layer(tmp_path: Path) -> None:
         weight = model_layers[row["name"]].weight
         assert int(row["zeros"]) == int((weight == 0).sum())
         assert row["shape"] == "x".join(map(str, weight.shape))
-    assert [r["pattern"] for r in rows] == ["4x1", "4x1", "dense (not selected)"]
+    assert [r["pattern"] for r in rows] == ["4x1", "4x1", "dense: the head (skip_last_layer)"]
 
 
 def test_curve_png_is_a_real_image_of_the_documented_size(tmp_path: Path) -> None:
@@ -257,5 +257,5 @@ def test_verbose_prints_the_layer_table_at_the_end(messages: list[str]) -> None:
     pruning = PruningCallback(target_sparsity=0.5, pattern="1x1", start_step=1, end_step=1)
     make_trainer([pruning], max_steps=2).fit(TinyModule(), tiny_loader())
     table = next(m for m in messages if "Sparsity by layer" in m)
-    assert "net.0" in table and "net.4" in table and "dense (not selected)" in table
+    assert "net.0" in table and "net.4" in table and "dense: the head" in table
     assert any("wrote curve.csv, curve.png and layers.csv" in m for m in messages)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.layouts import prunable_weights
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "cusparselt", "cutlass")
 MIN_CAPABILITY = (8, 0)
@@ -127,13 +129,15 @@ def to_semi_structured(
             raise ValueError(f"{flag}={value!r} must be True or False")
     resolved = _resolve_backend(backend)
     planned, skipped, wrong_dtype = _plan(model, resolved)
+    if dry_run:  # report, never refuse: what would convert once the dtype is right, and why not
+        for name, dtype in wrong_dtype.items():
+            skipped[name] = f"2:4 sparse, but {dtype}: convert the model to float16 or bfloat16 first"
+        return SemiStructuredResult(model, planned, skipped, None)
     if wrong_dtype:
         raise ValueError(
             f"to_semi_structured needs float16 or bfloat16 weights; these 2:4 layers are not: {wrong_dtype}. "
             "Convert the model first, e.g. model.to(torch.bfloat16)"
         )
-    if dry_run:
-        return SemiStructuredResult(model, planned, skipped, None)
     if not planned:
         raise ValueError(f"no Linear layer can be converted to 2:4 semi-structured sparsity: {skipped}")
     _check_device(model, planned, backend)
@@ -155,6 +159,7 @@ def _plan(model: nn.Module, backend: str) -> tuple[list[str], dict[str, str], di
     attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
+            skipped.update(_other_layer(name, module))
             continue
         weight = module.weight
         if any(name.startswith(f"{a}.") for a in attention):
@@ -177,6 +182,25 @@ def _plan(model: nn.Module, backend: str) -> tuple[list[str], dict[str, str], di
         else:
             planned.append(name)
     return planned, skipped, wrong_dtype
+
+
+def _other_layer(name: str, module: nn.Module) -> dict[str, str]:
+    """Why a prunable weight of another layer type (Conv1D, convolutions, attention) is not converted."""
+    if isinstance(module, nn.Embedding):
+        return {}  # a lookup, not a matrix product: nothing to accelerate
+    reasons = {}
+    for param_name, layout in prunable_weights(module):
+        weight = layout.to_standard(getattr(module, param_name))
+        label = name if param_name == "weight" else f"{name}.{param_name}"
+        flat = weight.reshape(weight.shape[0], -1) if weight.dim() == 2 else None
+        sparse = "2:4 sparse along its inputs" if flat is not None and is_two_four(flat) else "not 2:4"
+        reasons[label] = (
+            f"{type(module).__name__} ({layout.name}, {sparse}): only nn.Linear weights are converted; "
+            "a Conv1D can be replaced by an nn.Linear with its weight transposed"
+            if type(module).__name__ == "Conv1D"
+            else f"{type(module).__name__} ({layout.name}, {sparse}): only nn.Linear weights are converted"
+        )
+    return reasons
 
 
 def _check_device(model: nn.Module, planned: list[str], backend: str) -> None:
