@@ -13,7 +13,7 @@ LINTED = lightning_prune tests examples benchmarks tools
 
 install:
 	@$(PYTHON) tools/install_torch.py --torch "$(TORCH)" --cpu-index "$(TORCH_INDEX)"
-	@$(PYTHON) -c "import lightning_prune, lightning, torchmetrics, omegaconf, jsonargparse, docstring_parser, hydra, sklearn, rich, matplotlib, tensorboard, pytest, hypothesis, ruff" 2>/dev/null \
+	@$(PYTHON) -c "import lightning_prune, lightning, torchmetrics, omegaconf, jsonargparse, docstring_parser, hydra, sklearn, rich, matplotlib, tensorboard, transformers, pytest, hypothesis, ruff" 2>/dev/null \
 		&& $(PYTHON) -c "import importlib.metadata as m; assert 'lightning-prune' in m.entry_points(group='console_scripts').names" 2>/dev/null \
 		|| $(PYTHON) -m pip install -e ".[dev,demo]"
 
