@@ -471,7 +471,13 @@ class PruningCallback(Callback):
             return
         self.history.to_csv(str(folder / "curve.csv"))
         report.to_csv(str(folder / "layers.csv"))
-        figure = curve_figure(self.history, title=f"{type(pl_module).__name__}: {self._summary()}")
+        # The module's class alone does not tell two architectures of one LightningModule apart.
+        pruned = sum(t.param.numel() for t in self.pruner.targets)
+        title = (
+            f"{type(pl_module).__name__}, {len(self.pruner.targets)} layers / {pruned:,} weights pruned: "
+            f"{self._summary()}"
+        )
+        figure = curve_figure(self.history, title=title)
         write_atomically(folder / "curve.png", figure_png(figure))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -239,7 +239,20 @@ class Pruner:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.accumulate_scores()))
 
     def detach(self) -> None:
-        """Remove every optimizer hook :meth:`attach` added."""
+        """Remove every optimizer hook :meth:`attach` added; say so if the schedule did not finish.
+
+        In a plain loop, call it when training ends: a run shorter than the schedule would otherwise
+        end below the target without a word.
+        """
+        if self._handles and not self.finished:
+            planned = self.schedule.event_steps()
+            done = sum(1 for step in planned if step <= self.step)
+            rank_zero_warn(
+                f"lightning_prune: pruning stopped at step {self.step} with {done} of the schedule's "
+                f"{len(planned)} events done, sparsity {self.sparsity:.3f} of target_sparsity="
+                f"{self.options.target_sparsity}; the schedule runs to step {self.schedule.end_step} "
+                "(train longer, or resume from a checkpoint to go on)"
+            )
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -444,3 +444,17 @@ def test_a_single_regex_is_accepted_from_python_the_cli_and_a_config_alike() -> 
     from_config = PruningCallback.from_config({"include": "net.1"})
     assert from_cli.options.include == from_python.options.include == from_config.options.include
     assert [r.pattern for r in from_python.options.include] == ["net.1"]
+
+
+def test_a_plain_loop_that_ends_before_the_schedule_says_so_when_detached() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4))
+    pruner = Pruner(model, Schedule(0, 50, 10), PruningOptions(target_sparsity=0.5, pattern="1x1"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner.attach(optimizer)
+    for _ in range(23):
+        model(torch.randn(4, 16)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with pytest.warns(UserWarning, match=r"stopped at step 23 with 2 of the schedule's 5 events.*step 50"):
+        pruner.detach()
