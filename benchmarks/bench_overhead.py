@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_prune.pruner as pruner_module
 from lightning_prune import PruningCallback
 from lightning_prune.demo import build_network
 from lightning_prune.files import write_atomically as write_file_atomically
@@ -59,7 +60,7 @@ RESULTS_HEADER = (
     "# Benchmark results\n\n"
     "Each section below is written by the script it names; rerun it with `--write-results` to refresh it.\n"
 )
-ARMS = ("none", "ours", "modelpruning", "ours_snip_momentum")
+ARMS = ("none", "ours", "ours_float_mask", "modelpruning", "ours_snip_momentum")
 TARGET_SPARSITY = 0.9
 SNIP_EVENT_STEP = 1  # the gradient criterion prunes after one scored step, before timing starts
 QUICK_MODELS = ("mlp", "cnn")  # the wide MLP's one-shot events alone take seconds on a small CPU
@@ -277,7 +278,7 @@ def arm_callbacks(arm: str, module: BenchModule) -> list[Callback]:
     """
     if arm == "none":
         return []
-    if arm == "ours":
+    if arm in ("ours", "ours_float_mask"):
         return [
             PruningCallback(
                 target_sparsity=TARGET_SPARSITY, pattern="1x1", start_step=0, end_step=0, verbose=False
@@ -295,10 +296,7 @@ def arm_callbacks(arm: str, module: BenchModule) -> list[Callback]:
             )
         ]
     if arm == "modelpruning":
-        selection = select_targets(module)
-        targets = list(
-            getattr(selection, "targets", selection)
-        )  # a Selection from issue 12 on, a list before
+        targets = select_targets(module).targets
         return [
             ModelPruning(
                 "l1_unstructured",
@@ -313,6 +311,31 @@ def arm_callbacks(arm: str, module: BenchModule) -> list[Callback]:
     raise ValueError(f"unknown arm {arm!r}; known: {list(ARMS)}")
 
 
+@contextlib.contextmanager
+def float_masking(enabled: bool) -> Iterator[None]:
+    """The per-step masking of lightning_prune 0.1, for a side-by-side cost: CPU masks kept as float
+    copies and a float multiply (which leaves ``NaN * 0 = NaN`` in a pruned weight), instead of the
+    integer multiply of the weights' bits that gives exact zeros."""
+    if not enabled:
+        yield
+        return
+
+    def float_step_mask(param: Tensor, mask: Tensor) -> Tensor:
+        return mask if param.device.type != "cpu" else torch.ones_like(param).copy_(mask)
+
+    @torch.no_grad()
+    def float_multiply(params: list[Tensor], masks: list[Tensor]) -> None:
+        if params:
+            torch._foreach_mul_(params, masks)
+
+    saved = pruner_module.step_mask, pruner_module.zero_pruned
+    pruner_module.step_mask, pruner_module.zero_pruned = float_step_mask, float_multiply
+    try:
+        yield
+    finally:
+        pruner_module.step_mask, pruner_module.zero_pruned = saved
+
+
 def run_arm(
     spec: ModelSpec, arm: str, data: TensorDataset, warmup: int, steps: int, seed: int
 ) -> list[float]:
@@ -322,8 +345,7 @@ def run_arm(
     """
     torch.manual_seed(seed)
     module = BenchModule(spec.build())
-    selection = select_targets(module)  # before ModelPruning renames the weights
-    layers = [t.module for t in getattr(selection, "targets", selection)]  # Selection (issue 12) or list
+    layers = [t.module for t in select_targets(module).targets]  # before ModelPruning renames the weights
     cuda = torch.cuda.is_available()
     timer = StepTimer(skip=warmup, sync_cuda=cuda)
     trainer = pl.Trainer(
@@ -340,7 +362,8 @@ def run_arm(
         limit_val_batches=0,
     )
     loader = DataLoader(data, batch_size=spec.batch_size, shuffle=False)
-    trainer.fit(module, train_dataloaders=loader)
+    with float_masking(arm == "ours_float_mask"):
+        trainer.fit(module, train_dataloaders=loader)
     if len(timer.times) != steps:
         raise RuntimeError(f"{spec.name}/{arm}: timed {len(timer.times)} steps, expected {steps}")
     check_sparsity(f"{spec.name}/{arm}", layers, expected=0.0 if arm == "none" else TARGET_SPARSITY)
@@ -550,7 +573,10 @@ Models:
 Arms (fresh module per fit, same seed, same synthetic data, Adam, every timed step between events):
 - `none`: no pruning callback.
 - `ours`: `PruningCallback(target_sparsity=0.9, pattern="1x1", start_step=0, end_step=0)`, one-shot
-  before the first step; masks re-applied with one `torch._foreach_mul_` after each optimizer step.
+  before the first step; masks re-applied after each optimizer step with one `torch._foreach_mul_` of
+  the weights' bits (as integers of their width) by 0/1 masks: exact zeros, also over NaN.
+- `ours_float_mask`: as `ours` with the per-step masking of lightning_prune 0.1 (float mask copies on
+  CPU, a float multiply that leaves NaN in a pruned weight), to price the exact-zero integer multiply.
 - `modelpruning`: Lightning's `ModelPruning("l1_unstructured", amount=0.9, use_global_unstructured=True,
   apply_pruning=epoch == 0, make_pruning_permanent=False, use_lottery_ticket_hypothesis=False)` on the
   same weights as ours (Linear/Conv weights but the head); prunes at the end of epoch 0 (the warm-up),
