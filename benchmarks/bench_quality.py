@@ -221,8 +221,7 @@ def target_layer_names(task: Task) -> list[str]:
     """Module names, relative to the task's network, of the layers every arm prunes."""
     from lightning_prune.targets import select_targets
 
-    selection = select_targets(task.build())
-    return [t.name for t in getattr(selection, "targets", selection)]  # Selection (issue 12) or list
+    return [t.name for t in select_targets(task.build()).targets]
 
 
 def library_line() -> str:

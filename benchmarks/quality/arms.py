@@ -240,8 +240,7 @@ class Result:
 
 def target_layers(net: nn.Module) -> list[nn.Module]:
     """The layers whose zeros count: the callback's default targets (Linear/Conv weights but the head)."""
-    selection = select_targets(net)
-    return [t.module for t in getattr(selection, "targets", selection)]  # Selection (issue 12) or list
+    return [t.module for t in select_targets(net).targets]
 
 
 def measured_sparsity(layers: list[nn.Module]) -> float:
