@@ -276,11 +276,10 @@ class NMPattern(Pattern):
     def group_costs(self, scores: Tensor) -> Tensor:
         """The reduced scores of each group's ``m - n`` lowest weights (ascending, NaN highest)."""
         groups = self.group_view(scores)
-        reduce = REDUCTIONS[self.reduce]
         if self.m <= NM_COMPARE_MAX:
-            return _nm_reduce_lowest(groups, self.m - self.n, reduce)
+            return _nm_reduce_lowest(groups, self.m - self.n, self.reduce)
         lost = groups.gather(-1, groups.argsort(dim=-1, stable=True)[..., : self.m - self.n])
-        return reduce(lost, (-1,))
+        return REDUCTIONS[self.reduce](lost, (-1,))
 
     def pruned_elements(self, pruned_groups: Tensor, scores: Tensor) -> Tensor:
         """In each pruned group, its ``m - n`` lowest weights in the order of a stable sort: by
@@ -369,37 +368,52 @@ def _nm_row_blocks(groups: Tensor) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, groups.shape[0], rows)]
 
 
-def _nm_reduce_lowest(
-    groups: Tensor, count: int, reduce: Callable[[Tensor, tuple[int, ...]], Tensor]
-) -> Tensor:
-    """``reduce`` over the ``count`` lowest values of each group (last dim), taken in ascending order
-    with NaN highest, block by block: a sorting network cut down to the outputs needed, a few
-    elementwise min/max passes instead of a per-group argsort."""
+def _nm_reduce_lowest(groups: Tensor, count: int, reduce: str) -> Tensor:
+    """``REDUCTIONS[reduce]`` over the ``count`` lowest values of each group (last dim), taken in
+    ascending order with NaN highest, block by block: a sorting network cut down to the outputs
+    needed, a few elementwise min/max passes instead of a per-group argsort."""
     plan, needed = [], set(range(count))
     for i, j in reversed(_sorting_network(groups.shape[-1])):  # what the wanted outputs depend on
         if i in needed or j in needed:
             plan.append((i, j, i in needed, j in needed))
             needed |= {i, j}
     plan.reverse()
+    # fmin passes NaN over and maximum keeps it, so NaN sorts last; without NaN, minimum is faster.
+    low_of = torch.fmin if _has_nan(groups) else torch.minimum
     out = torch.empty(groups.shape[:-1], dtype=groups.dtype, device=groups.device)
     for block in _nm_row_blocks(groups):
         columns = list(groups[block].unbind(-1))
         for i, j, low, high in plan:
             a, b = columns[i], columns[j]
             if low:
-                columns[i] = torch.fmin(a, b)  # fmin passes NaN over ...
+                columns[i] = low_of(a, b)
             if high:
-                columns[j] = torch.maximum(a, b)  # ... and maximum keeps it: NaN sorts last
-        out[block] = reduce(torch.stack(columns[:count], dim=-1), (-1,))
+                columns[j] = torch.maximum(a, b)
+        lowest = columns[:count]
+        if reduce == "max":  # the largest of ascending values is the last (NaN included)
+            out[block] = lowest[-1]
+        elif count <= 4 and groups.dtype in (torch.float32, torch.float64):
+            # What torch's sum and mean give over so short a last dim (reduced precision types
+            # accumulate in float32, so they take the general path), without a stacked copy.
+            total = lowest[0].clone() if count == 1 else torch.add(lowest[0], lowest[1])
+            for value in lowest[2:]:
+                total += value
+            out[block] = total / count if reduce == "mean" else total
+        else:
+            out[block] = REDUCTIONS[reduce](torch.stack(lowest, dim=-1), (-1,))
     return out
+
+
+def _has_nan(values: Tensor) -> bool:
+    # A sum is NaN when a value is (or when +inf meets -inf): only then look element by element.
+    return bool(torch.isnan(values.sum())) and bool(torch.isnan(values).any())
 
 
 def _nm_lowest_mask(groups: Tensor, count: int) -> Tensor:
     """``True`` at each group's ``count`` lowest elements, exactly as the first ``count`` of a
     stable argsort: an element's rank is how many others are lower, plus equal ones before it."""
     m = groups.shape[-1]
-    # NaN compares false; when present, rank it above everything else (cheap check first).
-    nan = bool(torch.isnan(groups.sum())) and bool(torch.isnan(groups).any())
+    nan = _has_nan(groups)  # NaN compares false; when present, rank it above everything else
     pruned = torch.empty(groups.shape, dtype=torch.bool, device=groups.device)
     for block in _nm_row_blocks(groups):
         columns = groups[block].unbind(-1)

@@ -228,7 +228,7 @@ def nm_cases(draw: st.DrawFn) -> tuple[NMPattern, Tensor, Tensor]:
 
 
 @pytest.mark.parametrize("block", [NM_BLOCK, 5], ids=["one-block", "many-blocks"])
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=nm_cases())
 def test_nm_matches_a_stable_argsort_per_group(
     block: int, case: tuple[NMPattern, Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
