@@ -111,3 +111,55 @@ def test_a_new_module_type_is_one_registered_function() -> None:
     pruner.prune(0.5)
     stored = model[0].weight.detach()
     assert int((stored == 0).all(dim=0).sum()) == 2, "whole outputs: stored columns"
+
+
+def _steps(model: nn.Module, pruner: Pruner, steps: int) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner.attach(optimizer)
+    for _ in range(steps):
+        model(torch.randn(8, 16)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+class Conv1DNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = Conv1D(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x @ self.proj.weight + self.proj.bias)
+
+
+def test_a_progressive_fade_ends_on_the_structured_mask_in_a_transposed_layout() -> None:
+    from lightning_prune import Progressive
+
+    torch.manual_seed(0)
+    model = Conv1DNet()
+    options = PruningOptions(
+        target_sparsity=0.5, pattern="4x1", op_types=["Conv1D"], progressive=Progressive(steps=3)
+    )
+    pruner = Pruner(model, Schedule(2, 2), options)
+    _steps(model, pruner, 5)
+    zero = model.proj.weight.detach().t() == 0  # standard (out, in)
+    check_structure("4x1", zero)
+    assert zero.float().mean() == 0.5
+
+
+def test_group_lasso_shrinks_whole_outputs_of_a_transposed_layout() -> None:
+    torch.manual_seed(0)
+    model = Conv1DNet()
+    with torch.no_grad():  # outputs 0-7 weak (norm ~0.04), 8-15 strong (~40): stored columns
+        model.proj.weight.mul_(torch.tensor([0.01] * 8 + [10.0] * 8))
+    options = PruningOptions(
+        target_sparsity=0.5,
+        pattern="1xchannel",
+        op_types=["Conv1D"],
+        regularizer="group_lasso",
+        regularizer_coeff=10.0,
+    )
+    pruner = Pruner(model, Schedule(5, 5), options)
+    _steps(model, pruner, 1)  # lr 0.1 * coeff 10: groups with a norm under 1 land on zero
+    stored = model.proj.weight.detach()
+    assert (stored[:, :8] == 0).all() and (stored[:, 8:] != 0).all(), "whole outputs, not stored rows"
