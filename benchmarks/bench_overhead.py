@@ -684,6 +684,72 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {output}")
 
 
+MASKING_REPEATS = 50  # calls per arm and round in the masking-alone table
+
+
+def masking_rows(models: Sequence[str], rounds: int, seed: int) -> list[tuple[str, float, float, float]]:
+    """The per-step masking alone on each model's targets (90% pruned): ``(model, float us, integer us,
+    median per-round ratio integer / float)``; arms interleaved in a shuffled order every round."""
+    rows = []
+    order_rng = random.Random(seed)
+    cuda = torch.cuda.is_available()
+    for name in models:
+        torch.manual_seed(seed)
+        net = MODELS[name].build().to("cuda" if cuda else "cpu")
+        params = [t.param for t in select_targets(net).targets]
+        masks = [torch.rand_like(p) > 0.9 for p in params]
+        integer = [pruner_module.step_mask(p, m) for p, m in zip(params, masks, strict=True)]
+        floats = [m if cuda else m.to(p.dtype) for p, m in zip(params, masks, strict=True)]
+        arms: dict[str, Callable[[], None]] = {
+            "integer": lambda params=params, masks=integer: pruner_module.zero_pruned(params, masks),
+            "float": lambda params=params, masks=floats: _float_multiply(params, masks),
+        }
+        times: dict[str, list[float]] = {arm: [] for arm in arms}
+        for _ in range(rounds):
+            order = list(arms)
+            order_rng.shuffle(order)
+            for arm in order:
+                times[arm].append(_median_call(arms[arm], cuda))
+        ratios = [i / f for i, f in zip(times["integer"], times["float"], strict=True)]
+        rows.append(
+            (
+                name,
+                1e6 * statistics.median(times["float"]),
+                1e6 * statistics.median(times["integer"]),
+                statistics.median(ratios),
+            )
+        )
+    return rows
+
+
+@torch.no_grad()
+def _float_multiply(params: list[Tensor], masks: list[Tensor]) -> None:
+    torch._foreach_mul_(params, masks)
+
+
+def _median_call(call: Callable[[], None], cuda: bool) -> float:
+    call()  # warm
+    samples = []
+    for _ in range(MASKING_REPEATS):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def render_masking(rows: Sequence[tuple[str, float, float, float]]) -> str:
+    lines = [
+        "| model | float multiply (0.1) us | integer multiply (now) us | median per-round ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {name} | {f:.1f} | {i:.1f} | {ratio:.3f} |" for name, f, i, ratio in rows]
+    return "\n".join(lines)
+
+
 def run_and_render(
     args: argparse.Namespace, models: list[str], notes: list[str], argv: list[str], default_threads: int
 ) -> str:
@@ -693,13 +759,22 @@ def run_and_render(
         measurements = run_rounds(models, args.rounds, args.warmup, args.steps, args.seed)
     rows = summarize(measurements, models)
     print(render_table(rows))
+    masking = render_masking(masking_rows(models, args.rounds, args.seed))
+    print(masking)
     settings = (
         f"{args.rounds} rounds; per round, each arm of each model (order shuffled, seed {args.seed}) runs "
         f"{args.warmup} untimed warm-up steps (epoch 0) and {args.steps} timed steps."
     )
     command = shlex.join(["python", "benchmarks/bench_overhead.py", *argv])
     loads = f"{load_start} / {load_line()}"
-    return render_section(command, settings, models, rows, notes, machine_line(default_threads), loads)
+    section = render_section(command, settings, models, rows, notes, machine_line(default_threads), loads)
+    masking_text = (
+        "\n\nThe per-step masking alone, on each model's targets with 90% of weights pruned (the same "
+        f"rounds, {MASKING_REPEATS} calls per arm and round, median): the 0.1 float multiply against the "
+        "integer multiply of the weights' bits that keeps pruned weights exact zeros over NaN and inf.\n\n"
+        f"{masking}\n"
+    )
+    return section.replace(f"\n{END_MARKER}", f"{masking_text}{END_MARKER}")
 
 
 if __name__ == "__main__":
