@@ -233,6 +233,23 @@ class Recorder(pl.Callback):
         os.replace(temporary, path)
 
 
+class DenseRecorder(pl.Callback):
+    """Writes rank<N>.json with the run's facts when no pruning callback runs (a dense checkpoint)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        result = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "process_group_backend": getattr(trainer.strategy, "process_group_backend", None),
+            "global_step": trainer.global_step,
+        }
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
 def step_spec(text: str) -> int | float:
     """``"12"`` is step 12, ``"0.8"`` is 80% of ``trainer.estimated_stepping_batches``."""
     return float(text) if "." in text else int(text)
@@ -258,6 +275,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--progressive", type=int, default=0, help="fade steps (0: off)")
     parser.add_argument("--rank-noise", action="store_true", help="score |W| + rank-dependent noise")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dense", action="store_true", help="train without the pruning callback")
     return parser.parse_args(argv)
 
 
@@ -290,7 +308,7 @@ def main(argv: list[str]) -> None:
         verbose=False,
     )
     recorder = Recorder(pruning, out)
-    callbacks: list[pl.Callback] = [pruning, recorder]
+    callbacks: list[pl.Callback] = [DenseRecorder(out)] if args.dense else [pruning, recorder]
     if args.ckpt_dir is not None:
         callbacks.append(
             ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)

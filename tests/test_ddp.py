@@ -310,3 +310,19 @@ def test_snip_at_init_scores_on_reduced_gradients(tmp_path: Path) -> None:
     assert_ranks_agree(rank0, rank1, [0])
     assert_ranks_chose_alike(rank0, rank1)
     assert_reaches(rank0, 0.75)
+
+
+def test_callback_added_to_a_dense_checkpoint_catches_up_alike_on_every_rank(tmp_path: Path) -> None:
+    # A dense run's epoch-0 checkpoint (step 10), resumed with a gradient criterion: the catch-up event
+    # at step 10 scores on reduced gradients before the first step, then the schedule goes on.
+    checkpoints = tmp_path / "dense" / "checkpoints"
+    run_worker(tmp_path / "dense", *RESUME_WINDOW, "--dense", "--ckpt-dir", str(checkpoints))
+    args = ["--criterion", "snip_momentum", "--pattern", "4x1", "--sparsity", "0.75", *RESUME_WINDOW]
+    rank0, rank1 = run_worker(tmp_path / "pruned", *args, "--ckpt-path", str(checkpoints / "epoch=0.ckpt"))
+    assert_real_ddp(rank0, rank1)
+    for result in (rank0, rank1):
+        assert [e["step"] for e in result["final"]["events"]] == [10, 15]
+        assert result["global_step"] == result["final"]["step"] == 20
+    assert rank0["final"]["masks"] == rank1["final"]["masks"]
+    assert rank0["final"]["weights"] == rank1["final"]["weights"]
+    assert_reaches(rank0, 0.75)
