@@ -405,8 +405,8 @@ def _nm_reduce_lowest(groups: Tensor, count: int, reduce: str) -> Tensor:
 
 
 def _has_nan(values: Tensor) -> bool:
-    # A sum is NaN when a value is (or when +inf meets -inf): only then look element by element.
-    return bool(torch.isnan(values.sum())) and bool(torch.isnan(values).any())
+    # The maximum propagates NaN: one reduction, no bool tensor.
+    return values.numel() > 0 and bool(torch.isnan(values.amax()))
 
 
 def _nm_lowest_mask(groups: Tensor, count: int) -> Tensor:

@@ -137,6 +137,42 @@ def test_large_inputs_stay_exact(kind: str, sparsity: float) -> None:
         assert torch.equal(f, r)
 
 
+def test_empty_and_all_nan_layers() -> None:
+    nan = float("nan")
+    layers = [
+        LayerGroups(torch.empty(0), 1, 0),
+        LayerGroups(torch.full((5,), nan), 1, 5),
+        LayerGroups(torch.tensor([nan, 2.0, nan]), 1, 3),
+    ]
+    for sparsity in (0.25, 0.5, 0.75):
+        fast = select_groups(layers, sparsity, "global")
+        reference = reference_selection.select_groups(layers, sparsity, "global")
+        assert all(torch.equal(f, r) for f, r in zip(fast, reference, strict=True))
+
+
+@pytest.mark.parametrize(
+    "bracket",
+    [
+        thresholds._Bracket(-float("inf"), float("inf"), None, False),  # holds everything: too much
+        thresholds._Bracket(0.9, 0.95, None, False),  # misses: the crossing is near 0.5
+        thresholds._Bracket(0.1, 0.2, 0.15, True),  # misses, with a heavy value
+    ],
+    ids=["too-wide", "missed", "missed-heavy"],
+)
+def test_a_misleading_bracket_costs_time_not_exactness(
+    bracket: thresholds._Bracket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(thresholds, "_bracket", lambda *args: bracket)
+    monkeypatch.setattr(thresholds, "SAMPLE", 16)  # with the floor of the extraction limit
+    generator = torch.Generator().manual_seed(3)
+    costs = [torch.rand(3000, generator=generator), torch.rand(2000, generator=generator)]
+    costs[0][:500] = 0.15
+    layers = [LayerGroups(c, 1, c.numel()) for c in costs]
+    fast = select_groups(layers, 0.5, "global")
+    reference = reference_selection.select_groups(layers, 0.5, "global")
+    assert all(torch.equal(f, r) for f, r in zip(fast, reference, strict=True))
+
+
 # ---------------------------------------------------------------------------- bounded work
 class Work(TorchDispatchMode):
     """Counts, over every non-view op, the largest tensor it touches; and the largest sort input."""
