@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
+from helpers import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn

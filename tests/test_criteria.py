@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
+from helpers import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyModule, make_trainer, tiny_loader
+from helpers import TinyModule, make_trainer, tiny_loader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
+from helpers import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 

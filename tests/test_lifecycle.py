@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
+from helpers import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
 from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
 from torch import nn
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
+from helpers import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import ModelCheckpoint

@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyModule, make_trainer, pruned_weights, tiny_loader
+from helpers import TinyModule, make_trainer, pruned_weights, tiny_loader
 from torch import Tensor, nn
 
 from lightning_prune import GroupLasso, PruningCallback

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyModule, make_trainer, tiny_loader
+from helpers import TinyModule, make_trainer, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_prune import PruningCallback

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import TinyModule, make_trainer, tiny_loader, zero_fraction
+from helpers import TinyModule, make_trainer, tiny_loader, zero_fraction
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
