@@ -10,24 +10,27 @@ would rank them: by value under ``-inf < finite < +inf < NaN`` (``-0.0`` equals 
 equals every other), and equal costs by layer, then by position (lower index first). So ties at the
 cut-off go to the earliest layers and positions, the same on every rank and every run.
 
-**The method.** Nothing is sorted at full size and the work does not depend on how the costs are
-distributed; a 1e8-score event is a couple of passes over the costs:
+**The method.** Nothing is sorted at full size, and the work does not grow with ties or non-finite
+costs: an event is about two comparison passes over the costs, whatever they hold.
 
-1. A strided sample (about :data:`SAMPLE` costs) estimates where the crossing cost lies and brackets
-   it with a margin of several standard errors.
+1. A strided sample (at most :data:`SAMPLE` costs) estimates where the crossing cost lies and
+   brackets it with a margin of :data:`SIGMAS` standard errors.
 2. One pass over the costs, in chunks of :data:`CHUNK`, writes ``cost < lo`` straight into each
-   layer's mask, counts it, and extracts the few costs inside the bracket. A cost value that fills
-   much of the bracket (exact zeros, an all-equal layer) is only counted, never extracted.
-3. Exact counts confirm the bracket; a radix select over the keys of the extracted costs finds the
-   crossing value, and each mask gains the extracted costs below it plus the ties that the order
-   takes, by position.
+   layer's mask, counts it, and extracts the costs inside the bracket with their positions (about
+   1% of them). A value holding much of the bracket (exact zeros, an all-equal layer, a coarse
+   score) is counted with one more comparison instead of extracted; when the sample says most of its
+   copies are below the cut, the masks take them all in this pass and give back the surplus later,
+   from the end (ties go to the lower index).
+3. Exact counts confirm the bracket; a radix select over the extracted costs finds the crossing
+   value, and each mask gains the extracted costs below it plus the ties the order takes.
 
-When the sample misleads (a bracket that misses, or one holding more than :data:`EXTRACT_LIMIT` of
-the costs), a radix select over all costs takes over: histograms of the costs' order-preserving
-integer keys (the float bits, sign-folded) with :data:`RADIX_BINS` bins, one pass per round, at most
-``ceil(key bits / log2(RADIX_BINS))`` rounds (3 for float32). Either way the number of passes is
-bounded whatever the ties or non-finite values. Extra memory is the masks themselves plus one chunk
-of temporaries and the extracted costs.
+When the sample misleads (a bracket that misses, or one that would hold more than
+:data:`EXTRACT_LIMIT` of the costs), a radix select over all costs takes over: histograms of the
+costs' order-preserving integer keys (the float bits, sign-folded), :data:`RADIX_BINS` bins and one
+pass per round; each round narrows the key range by at least ``RADIX_BINS / 2``, so float32 costs
+take at most 3 rounds (float64: 6), then one comparison pass builds the masks. The result is the
+same on every path (only the time differs), so ranks that sampled differently still agree. Extra
+memory: the masks themselves, the extracted costs, and one chunk of temporaries.
 """
 
 from __future__ import annotations

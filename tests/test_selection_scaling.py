@@ -173,6 +173,23 @@ def test_a_misleading_bracket_costs_time_not_exactness(
     assert all(torch.equal(f, r) for f, r in zip(fast, reference, strict=True))
 
 
+@pytest.mark.parametrize(("dtype", "most_rounds"), [(torch.float32, 3), (torch.float64, 6)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_radix_select_over_all_costs_takes_bounded_rounds(
+    dtype: torch.dtype, most_rounds: int, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(thresholds, "_bracket", lambda *args: None)  # as when the sample misleads
+    rounds = []
+    bincount = torch.bincount
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: rounds.append(1) or bincount(*a, **k))
+    generator = torch.Generator().manual_seed(4)
+    costs = make_costs(kind, 50_000, generator).to(dtype) * 1e30 ** torch.rand(50_000, generator=generator)
+    fast = select_groups([LayerGroups(costs, 1, costs.numel())], 0.37, "global")
+    assert 1 <= len(rounds) <= most_rounds  # one layer in one chunk: one histogram per round
+    reference = reference_selection.select_groups([LayerGroups(costs, 1, costs.numel())], 0.37, "global")
+    assert torch.equal(fast[0], reference[0])
+
+
 # ---------------------------------------------------------------------------- bounded work
 class Work(TorchDispatchMode):
     """Counts, over every non-view op, the largest tensor it touches; and the largest sort input."""
