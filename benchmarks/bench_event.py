@@ -286,9 +286,11 @@ def summarize(size: dict[str, object], patterns: list[str], dists: list[str]) ->
                 "vs_distinct": ratio(name, f"{pattern}|distinct|after"),
                 "vs_1x1": ratio(name, f"1x1|{dist}|after"),
                 "extra_per_weight": max(peaks[name]) / count if min(peaks[name]) >= 0 else None,
+                "rounds": len(times[name]),
                 "copy": copy,
             }
             if before in times:
+                row["before_extra"] = max(peaks[before]) / count if min(peaks[before]) >= 0 else None
                 row["before"] = statistics.median(times[before])
                 row["before_rounds"] = len(times[before])
                 row["speedup"] = ratio(before, name)
@@ -312,8 +314,8 @@ def table(rows: list[dict[str, object]], baseline: bool) -> list[str]:
     head = "| weights | pattern | scores | sparsity | event s | memory passes | vs distinct | vs 1x1 | extra B/weight |"
     rule = "|---:|---|---|---:|---:|---:|---:|---:|---:|"
     if baseline:
-        head += " before s | speedup |"
-        rule += "---:|---:|"
+        head += " before s | speedup | before extra B/weight |"
+        rule += "---:|---:|---:|"
     lines = [head, rule]
     for r in rows:
         line = (
@@ -322,12 +324,40 @@ def table(rows: list[dict[str, object]], baseline: bool) -> list[str]:
             f"{_fmt(r['extra_per_weight'], '.1f')} |"
         )
         if baseline and "before_failed" in r:
-            line += " fails | n/a |"
+            line += " fails | n/a | n/a |"
         elif baseline:
             rounds = r.get("before_rounds")
-            note = " (1 round)" if rounds == 1 else ""
-            line += f" {_fmt(r.get('before'), '.3f')}{note} | {_fmt(r.get('speedup'), '.1f')} |"
+            note = f" ({rounds} round{'s' * (rounds != 1)})" if rounds != r["rounds"] else ""  # type: ignore[operator]
+            line += (
+                f" {_fmt(r.get('before'), '.3f')}{note} | {_fmt(r.get('speedup'), '.1f')} | "
+                f"{_fmt(r.get('before_extra'), '.1f')} |"
+            )
         lines.append(line)
+    return lines
+
+
+def summary(rows: list[dict[str, object]]) -> list[str]:
+    """Per size, the worst ratios and the largest memory: what the targets are about."""
+    lines = []
+    for weights in sorted({r["weights"] for r in rows}):  # type: ignore[type-var]
+        size = [r for r in rows if r["weights"] == weights]
+
+        def worst(key: str, size: list[dict[str, object]] = size) -> str:
+            found = [r for r in size if r[key] is not None]
+            if not found:
+                return "n/a"
+            top = max(found, key=lambda r: r[key])  # type: ignore[arg-type, return-value]
+            return f"{top[key]:.2f} ({top['pattern']}, {top['dist']})"
+
+        extras = [r["extra_per_weight"] for r in size if r["extra_per_weight"] is not None]
+        one = [r for r in size if r["pattern"] == "1x1" and r["dist"] == "distinct"]
+        lines.append(
+            f"- {weights:,} weights: worst *vs distinct* {worst('vs_distinct')}, worst *vs 1x1* "
+            f"{worst('vs_1x1')}"
+            + (f", `1x1` distinct {one[0]['seconds']:.3f} s" if one else "")
+            + (f", most extra memory {max(extras):.1f} B/weight" if extras else "")  # type: ignore[type-var]
+            + "."
+        )
     return lines
 
 
@@ -396,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         f"over one float32 `copy_` of as many values as weights, timed in the same rounds ({copy_note}). "
         "*Extra B/weight*: peak memory the event added (scores, costs, masks it builds, temporaries), "
         "largest over rounds.",
+        "",
+        *summary(rows),
         "",
         *table(rows, bool(args.baseline)),
     ]

@@ -39,6 +39,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -347,77 +348,70 @@ def _bracket(
     extract."""
     total = sum(c.numel() for c in costs)
     wanted = min(SAMPLE, max(1024, total >> 5))
+    # The estimate is small, serial work: numpy, so that no tiny op waits on a thread pool.
     samples, scales, drawn = [], [], []
     for c in costs:
         n = c.numel()
-        if n == 0:
-            samples.append(torch.empty(0, dtype=torch.float64))
-            scales.append(1.0)
-            drawn.append(0)
-            continue
         stride = max(1, n // max(1, -(-wanted * n // total)))
         stride -= 1 if stride > 1 and stride % 2 == 0 else 0  # odd: crosses power-of-two periods
-        sample = _as(c[stride // 2 :: stride] if stride > 1 else c, dtype)
-        drawn.append(sample.numel())
-        scales.append(n / sample.numel())
-        sample = sample[~torch.isnan(sample)]  # NaN ranks above everything: it is only counted
-        samples.append(sample.sort().values.double().cpu())
-    pooled = torch.cat(samples).sort().values
-    if pooled.numel() == 0:
+        sample = _as(c[stride // 2 :: stride], dtype).double().cpu().numpy()
+        drawn.append(sample.size)
+        scales.append(n / max(1, sample.size))
+        samples.append(np.sort(sample[~np.isnan(sample)]))  # NaN ranks above all: only counted
+    pooled = np.sort(np.concatenate(samples))
+    if pooled.size == 0:
         return None
 
-    def estimate(points: Tensor, right: bool = True) -> Tensor:
-        weight = torch.zeros_like(points)
+    def estimate(points: np.ndarray, side: str = "right") -> np.ndarray:
+        weight = np.zeros(points.shape)
         for sample, scale, lo, hi, g in zip(samples, scales, lows, highs, sizes, strict=True):
-            count = torch.searchsorted(sample, points, right=right).double() * scale
-            weight += g * (count.clamp(lo, hi) - lo)
+            count = np.searchsorted(sample, points, side=side) * scale  # type: ignore[call-overload]
+            weight += g * (np.clip(count, lo, hi) - lo)
         return weight
 
-    grid = torch.cat([pooled[:: max(1, pooled.numel() // GRID)], pooled[-1:]])
+    def at(point: float) -> tuple[float, float]:
+        """Estimated weight below ``point`` and up to it."""
+        points = np.array([point])
+        return float(estimate(points, "left")[0]), float(estimate(points)[0])
+
+    grid = np.concatenate([pooled[:: max(1, pooled.size // GRID)], pooled[-1:]])
     weights = estimate(grid)
-    j = int(torch.searchsorted(weights, float(budget)))
+    j = int(np.searchsorted(weights, budget))
     crossing = None
-    if j < grid.numel():
-        between = pooled[(pooled > grid[j - 1]) & (pooled <= grid[j])] if j else pooled[pooled <= grid[0]]
-        between = torch.unique_consecutive(between)
-        crossing = float(between[int(torch.searchsorted(estimate(between), float(budget)))])
+    if j < grid.size:
+        between = np.unique(pooled[(pooled > grid[j - 1]) & (pooled <= grid[j])] if j else pooled[:1])
+        crossing = float(between[int(np.searchsorted(estimate(between), budget))])
     # Standard error of the estimated weight at the crossing (layers sampled whole add none).
     variance = 0.0
-    point = torch.tensor([crossing if crossing is not None else math.inf], dtype=torch.float64)
+    point = crossing if crossing is not None else math.inf
     for sample, scale, m, g in zip(samples, scales, drawn, sizes, strict=True):
         if scale > 1.0:
-            p = float(torch.searchsorted(sample, point, right=True)[0]) / m
-            p = min(max(p, 1.0 / m), 1.0 - 1.0 / m)
+            p = min(max(float(np.searchsorted(sample, point, side="right")) / m, 1.0 / m), 1.0 - 1.0 / m)
             variance += (g * scale) ** 2 * m * p * (1.0 - p)
     margin = SIGMAS * math.sqrt(variance) + max(sizes)
     if crossing is not None:
-        point = torch.tensor([crossing], dtype=torch.float64)
-        before, through = float(estimate(point, right=False)[0]), float(estimate(point)[0])
+        before, through = at(crossing)
         if before <= budget - margin and through >= budget + margin:
             # Surely this value: count it, extract nothing. Most of its copies go in? Then the
             # masks take them all now and give back the last ones (fewer comparisons).
             return _Bracket(crossing, crossing, crossing, (budget - before) / (through - before) > 0.5)
     low_side = grid[weights <= budget - margin]
     high_side = grid[weights >= budget + margin]
-    lo = (
-        float(torch.nextafter(low_side[-1:].to(dtype), torch.tensor([math.inf], dtype=dtype))[0])
-        if low_side.numel()
-        else -math.inf
-    )
-    hi = float(high_side[0]) if high_side.numel() else math.inf
+    real = np.float64 if dtype == torch.float64 else np.float32
+    lo = float(np.nextafter(real(low_side[-1]), real(math.inf))) if low_side.size else -math.inf
+    hi = float(high_side[0]) if high_side.size else math.inf
     if lo == hi:
         return _Bracket(lo, hi, lo, False)
     inside = pooled[(pooled >= lo) & (pooled <= hi)]
     heavy, heavy_share, heavy_in = None, 0.0, False
-    if inside.numel():
-        values, counts = torch.unique_consecutive(inside, return_counts=True)
+    if inside.size:
+        values, counts = np.unique(inside, return_counts=True)
         top = int(counts.argmax())
-        if float(counts[top]) / pooled.numel() >= EXTRACT_LIMIT / 8:  # worth a comparison pass
-            heavy, heavy_share = float(values[top]), float(counts[top]) / pooled.numel()
-            point = torch.tensor([heavy], dtype=torch.float64)
-            before, through = float(estimate(point, right=False)[0]), float(estimate(point)[0])
+        if counts[top] / pooled.size >= EXTRACT_LIMIT / 8:  # worth a comparison pass
+            heavy, heavy_share = float(values[top]), float(counts[top]) / pooled.size
+            before, through = at(heavy)
             heavy_in = (budget - before) / max(through - before, 1.0) > 0.5
-    if inside.numel() / pooled.numel() - heavy_share > EXTRACT_LIMIT * 0.75:
+    if inside.size / pooled.size - heavy_share > EXTRACT_LIMIT * 0.75:
         return None
     return _Bracket(lo, hi, heavy, heavy_in)
 
