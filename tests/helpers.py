@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -57,6 +59,17 @@ def tiny_loader(batches: int = 10, batch_size: int = 8, seed: int = 0) -> DataLo
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
+#: Where trainers write (the end-of-fit report), set by conftest.py: the running test's ``tmp_path``,
+#: or a folder of the session's for module- and session-scoped fixtures.
+TRAINER_ROOT: Path | None = None
+
+
+def trainer_root() -> str:
+    """A new folder of its own under TRAINER_ROOT, for one trainer's output."""
+    assert TRAINER_ROOT is not None, "set by the autouse fixtures in conftest.py"
+    return tempfile.mkdtemp(prefix="trainer-", dir=TRAINER_ROOT)
+
+
 def make_trainer(callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
     settings: dict[str, Any] = {
         "accelerator": "cpu",
@@ -67,8 +80,8 @@ def make_trainer(callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
         "enable_model_summary": False,
         "limit_val_batches": 0,
         "deterministic": True,
-        # The callback writes its report under log_dir at the end of fit: keep it out of the checkout.
-        "default_root_dir": tempfile.mkdtemp(prefix="lightning-prune-test-"),
+        # The callback writes its report under log_dir at the end of fit: in the test's tmp_path.
+        "default_root_dir": trainer_root(),
     }
     settings.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **settings)
@@ -81,3 +94,46 @@ def zero_fraction(weights: list[Tensor]) -> float:
 def pruned_weights(callback: PruningCallback) -> list[Tensor]:
     assert callback.pruner is not None
     return [t.param.detach() for t in callback.pruner.targets]
+
+
+#: The resume tests' schedule: with 10 batches an epoch, events at steps 5, 10, ..., 30.
+SCHEDULE: dict[str, Any] = {
+    "target_sparsity": 0.8,
+    "pattern": "4x1",
+    "start_step": 0,
+    "end_step": 30,
+    "frequency": 5,
+}
+
+
+def fit_resumable(
+    folder: Path,
+    max_epochs: int,
+    ckpt_path: str | Path | None = None,
+    callbacks: list[Any] | None = None,
+    model: pl.LightningModule | None = None,
+    **settings: Any,
+) -> tuple[pl.LightningModule, PruningCallback | None, pl.Trainer]:
+    """One seeded fit of TinyModule (or ``model``) on 10 batches per epoch, resumed from ``ckpt_path``.
+
+    The PruningCallback takes SCHEDULE updated by ``settings`` (none with ``dense=True``); a checkpoint
+    after every epoch is saved as ``folder/epoch=N.ckpt``. Runs with the same arguments are identical.
+    """
+    pl.seed_everything(0)
+    model = model or TinyModule()
+    pruning = None if settings.get("dense") else PruningCallback(**{**SCHEDULE, **settings}, verbose=False)
+    checkpoints = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer = make_trainer(
+        [c for c in (pruning, checkpoints, *(callbacks or [])) if c is not None],
+        max_epochs=max_epochs,
+        enable_checkpointing=True,
+    )
+    trainer.fit(model, tiny_loader(batches=10), ckpt_path=ckpt_path)
+    return model, pruning, trainer
+
+
+def pruning_state(checkpoint: Path) -> dict[str, Any]:
+    """The PruningCallback's state saved in a Lightning checkpoint."""
+    saved = torch.load(checkpoint, weights_only=False)
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("PruningCallback")]
+    return state

@@ -81,7 +81,6 @@ def test_local_scope_equal_layer_sparsity() -> None:
     pruning = PruningCallback(target_sparsity=0.75, pattern="1x1", scope="local", end_step=6, frequency=2)
     make_trainer([pruning], max_steps=8).fit(TinyModule(), tiny_loader())
     assert pruning.pruner.layer_sparsity() == {"net.0": 0.75, "net.2": 0.75}
-    assert set(pruning.pruner.layer_sparsity().values()) == {0.75}
 
 
 def test_gradient_accumulation_counts_optimizer_steps_not_batches() -> None:

@@ -10,8 +10,15 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    TinyModule,
+    fit_resumable,
+    make_trainer,
+    pruned_weights,
+    pruning_state,
+    tiny_loader,
+    zero_fraction,
+)
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
 
@@ -705,31 +712,20 @@ def test_bf16_autocast_with_snip_momentum(score_dtype: str) -> None:
         assert torch.isfinite(live).all() and (live > 0).any()
 
 
-SCHEDULE = {"target_sparsity": 0.8, "pattern": "4x1", "start_step": 0, "end_step": 30, "frequency": 5}
-
-
-def _fit_resumable(
-    tmp_path: Path, max_epochs: int, ckpt_path: str | None = None
-) -> tuple[TinyModule, PruningCallback]:
-    pl.seed_everything(0)
-    model = TinyModule()
-    pruning = PruningCallback(**SCHEDULE, criterion="snip_momentum", verbose=False)
-    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    trainer = make_trainer([pruning, checkpoints], max_epochs=max_epochs, enable_checkpointing=True)
-    trainer.fit(model, tiny_loader(batches=10), ckpt_path=ckpt_path)
-    return model, pruning
-
-
 def test_snip_momentum_scores_survive_a_resume(tmp_path: Path) -> None:
-    straight_model, straight = _fit_resumable(tmp_path / "straight", max_epochs=4)
-    _fit_resumable(tmp_path / "stopped", max_epochs=2)
+    straight_model, straight, _ = fit_resumable(
+        tmp_path / "straight", max_epochs=4, criterion="snip_momentum"
+    )
+    fit_resumable(tmp_path / "stopped", max_epochs=2, criterion="snip_momentum")
     checkpoint = tmp_path / "stopped" / "epoch=1.ckpt"
-    saved = torch.load(checkpoint, weights_only=False)
-    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("PruningCallback")]
+    state = pruning_state(checkpoint)
     assert state["gradient_steps"] == 20
     assert all(b.abs().nan_to_num(posinf=0.0).sum() > 0 for b in state["buffers"].values())
 
-    resumed_model, resumed = _fit_resumable(tmp_path / "resumed", max_epochs=4, ckpt_path=str(checkpoint))
+    resumed_model, resumed, _ = fit_resumable(
+        tmp_path / "resumed", max_epochs=4, ckpt_path=str(checkpoint), criterion="snip_momentum"
+    )
+    assert straight is not None and resumed is not None
 
     assert resumed.pruner.step == straight.pruner.step == 40
     assert resumed.pruner.gradient_steps == straight.pruner.gradient_steps == 30  # up to the last event

@@ -11,48 +11,19 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
-from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
+from helpers import (
+    SCHEDULE,
+    TinyModule,
+    make_trainer,
+    pruned_weights,
+    tiny_loader,
+    zero_fraction,
+)
+from helpers import fit_resumable as fit
+from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 
 from lightning_prune import Pruner, PruningCallback, PruningOptions, Schedule
-
-SCHEDULE: dict[str, Any] = {
-    "target_sparsity": 0.8,
-    "pattern": "4x1",
-    "start_step": 0,
-    "end_step": 30,
-    "frequency": 5,
-}
-
-
-def fit(
-    folder: Path,
-    max_epochs: int,
-    ckpt_path: str | Path | None = None,
-    callbacks: list[Any] | None = None,
-    model: pl.LightningModule | None = None,
-    **settings: Any,
-) -> tuple[pl.LightningModule, PruningCallback | None, pl.Trainer]:
-    """One fit of TinyModule on 10 batches per epoch with a checkpoint after every epoch."""
-    pl.seed_everything(0)
-    model = model or TinyModule()
-    pruning = None if settings.get("dense") else PruningCallback(**{**SCHEDULE, **settings}, verbose=False)
-    checkpoints = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    extra = callbacks or []
-    trainer = make_trainer(
-        [c for c in (pruning, checkpoints, *extra) if c is not None],
-        max_epochs=max_epochs,
-        enable_checkpointing=True,
-    )
-    trainer.fit(model, tiny_loader(batches=10), ckpt_path=ckpt_path)
-    return model, pruning, trainer
-
-
-def pruning_state(checkpoint: Path) -> dict[str, Any]:
-    saved = torch.load(checkpoint, weights_only=False)
-    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("PruningCallback")]
-    return state
 
 
 # --------------------------------------------------------------------------- 1. settings on resume

@@ -15,10 +15,17 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyModule, make_trainer, pruned_weights, tiny_loader, zero_fraction
+from helpers import (
+    TinyModule,
+    fit_resumable,
+    make_trainer,
+    pruned_weights,
+    pruning_state,
+    tiny_loader,
+    zero_fraction,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_prune import PruningCallback
@@ -422,39 +429,27 @@ def test_callback_two_four_progressive_ends_exactly_two_of_four() -> None:
     assert watcher.zeros[30] == pytest.approx(0.5, abs=1e-12)
 
 
-RESUME = {
-    "target_sparsity": 0.8,
-    "pattern": "4x1",
-    "start_step": 0,
-    "end_step": 24,
-    "frequency": 8,
-}
-
-
-def _fit(tmp_path: Path, max_epochs: int, ckpt_path: str | None = None) -> tuple[TinyModule, PruningCallback]:
-    pl.seed_everything(0)
-    model = TinyModule()
-    pruning = PruningCallback(**RESUME, progressive=Progressive(steps=4), verbose=False)  # type: ignore[arg-type]
-    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    trainer = make_trainer([pruning, checkpoints], max_epochs=max_epochs, enable_checkpointing=True)
-    trainer.fit(model, tiny_loader(batches=10), ckpt_path=ckpt_path)
-    return model, pruning
+#: The resume test's fade: with 10 batches an epoch, events at steps 8, 16, 24, each eased in over 4 steps.
+FADE = {"end_step": 24, "frequency": 8, "progressive": Progressive(steps=4)}
 
 
 def test_resume_from_mid_fade_checkpoint_matches_uninterrupted_run(tmp_path: Path) -> None:
-    straight_model, straight = _fit(tmp_path / "straight", max_epochs=3)
+    straight_model, straight, _ = fit_resumable(tmp_path / "straight", max_epochs=3, **FADE)
     # 10 batches per epoch; events at 8, 16, 24 with a 4-step fade: step 10 is the fade's 3rd step.
-    _fit(tmp_path / "stopped", max_epochs=1)
+    fit_resumable(tmp_path / "stopped", max_epochs=1, **FADE)
     checkpoint = tmp_path / "stopped" / "epoch=0.ckpt"
     saved = torch.load(checkpoint, weights_only=False)
-    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("PruningCallback")]
+    state = pruning_state(checkpoint)
     assert state["step"] == 10 and [e["step"] for e in state["events"]] == [8]
     assert state["fade"] is not None and state["fade"]["position"] == 3
     saved_weights = [saved["state_dict"][f"{name}.weight"] for name in state["masks"]]
     saved_zeros = sum(int((w == 0).sum()) for w in saved_weights) / sum(w.numel() for w in saved_weights)
     assert saved_zeros < state["events"][0]["sparsity"], "the checkpoint must fall inside the fade"
 
-    resumed_model, resumed = _fit(tmp_path / "resumed", max_epochs=3, ckpt_path=str(checkpoint))
+    resumed_model, resumed, _ = fit_resumable(
+        tmp_path / "resumed", max_epochs=3, ckpt_path=str(checkpoint), **FADE
+    )
+    assert straight is not None and resumed is not None
 
     assert resumed.pruner.step == straight.pruner.step == 30
     assert resumed.pruner.events == straight.pruner.events

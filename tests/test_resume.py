@@ -4,37 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyModule, make_trainer, tiny_loader
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import SCHEDULE, TinyModule, fit_resumable, make_trainer, pruning_state, tiny_loader
 
 from lightning_prune import PruningCallback
 
-SCHEDULE = {"target_sparsity": 0.8, "pattern": "4x1", "start_step": 0, "end_step": 30, "frequency": 5}
-
-
-def _fit(tmp_path: Path, max_epochs: int, ckpt_path: str | None = None) -> tuple[TinyModule, PruningCallback]:
-    pl.seed_everything(0)
-    model = TinyModule()
-    pruning = PruningCallback(**SCHEDULE, verbose=False)
-    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    trainer = make_trainer([pruning, checkpoints], max_epochs=max_epochs, enable_checkpointing=True)
-    trainer.fit(model, tiny_loader(batches=10), ckpt_path=ckpt_path)
-    return model, pruning
-
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path: Path) -> None:
-    straight_model, straight = _fit(tmp_path / "straight", max_epochs=4)
+    straight_model, straight, _ = fit_resumable(tmp_path / "straight", max_epochs=4)
     # Stop after 2 epochs = step 20: events 5..20 done, 25 and 30 still to come.
-    _fit(tmp_path / "stopped", max_epochs=2)
+    fit_resumable(tmp_path / "stopped", max_epochs=2)
     checkpoint = tmp_path / "stopped" / "epoch=1.ckpt"
-    saved = torch.load(checkpoint, weights_only=False)
-    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("PruningCallback")]
+    state = pruning_state(checkpoint)
     assert state["step"] == 20 and [e["step"] for e in state["events"]] == [5, 10, 15, 20]
 
-    resumed_model, resumed = _fit(tmp_path / "resumed", max_epochs=4, ckpt_path=str(checkpoint))
+    resumed_model, resumed, _ = fit_resumable(tmp_path / "resumed", max_epochs=4, ckpt_path=str(checkpoint))
+    assert straight is not None and resumed is not None
 
     assert resumed.pruner.step == straight.pruner.step == 40
     assert [e.step for e in resumed.pruner.events] == [5, 10, 15, 20, 25, 30]
@@ -48,18 +34,17 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_resume_restores_masks_that_weights_alone_cannot_tell(tmp_path: Path) -> None:
-    _fit(tmp_path / "stopped", max_epochs=2)
+    fit_resumable(tmp_path / "stopped", max_epochs=2)
     pruning = PruningCallback(**SCHEDULE, verbose=False)
     trainer = make_trainer([pruning], max_epochs=2)  # nothing left to train: only restore
     trainer.fit(TinyModule(), tiny_loader(batches=10), ckpt_path=str(tmp_path / "stopped" / "epoch=1.ckpt"))
-    saved = torch.load(tmp_path / "stopped" / "epoch=1.ckpt", weights_only=False)
-    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("PruningCallback")]
+    state = pruning_state(tmp_path / "stopped" / "epoch=1.ckpt")
     for name, mask in zip([t.name for t in pruning.pruner.targets], pruning.pruner.masks, strict=True):
         assert torch.equal(mask, state["masks"][name])
 
 
 def test_resume_with_other_targets_is_refused(tmp_path: Path) -> None:
-    _fit(tmp_path / "stopped", max_epochs=1)
+    fit_resumable(tmp_path / "stopped", max_epochs=1)
     pruning = PruningCallback(**{**SCHEDULE, "exclude": ["net.2"]}, verbose=False)
     trainer = make_trainer([pruning], max_epochs=2)
     with pytest.raises(ValueError, match=r"targets differ.*net\.2"):
