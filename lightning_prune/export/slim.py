@@ -164,9 +164,19 @@ def slim(
 
     Example::
 
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_prune.export import slim
+        >>> model = nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> with torch.no_grad():  # units 40-63 pruned: zero rows (pattern="1xchannel") and zero bias
+        ...     _ = model[0].weight[40:].zero_(), model[0].bias[40:].zero_()
         >>> result = slim(model, (torch.randn(8, 512),), round_to=8)
-        >>> print(result)
+        >>> print(result)  # doctest: +ELLIPSIS
+        slim: parameters 33,482 -> 20,930 (62.5%), max abs output difference ...
+          linear    0 -> 2: 64 -> 40 units; params 33,482 -> 20,930
         >>> small = result.model
+        >>> small[0]
+        Linear(in_features=512, out_features=40, bias=True)
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model={type(model).__name__} must be a torch.nn.Module")
