@@ -29,6 +29,7 @@ def tracked_benchmark_files() -> dict[str, bytes]:
     return {name: (ROOT / name).read_bytes() for name in listed if (ROOT / name).is_file()}
 
 
+@pytest.mark.bench
 def test_without_write_results_it_prints_and_leaves_tracked_files_alone(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -44,6 +45,7 @@ def test_without_write_results_it_prints_and_leaves_tracked_files_alone(
     assert all(float(row[3]) > 0.4 for row in rows), "the events must reach their sparsity"
 
 
+@pytest.mark.bench
 def test_write_results_writes_its_section(tmp_path: Path) -> None:
     output = tmp_path / "RESULTS.md"
     output.write_text("# Results\n\nkept text\n")
@@ -56,6 +58,8 @@ def test_write_results_writes_its_section(tmp_path: Path) -> None:
     rows = table_rows(text)
     assert {row[1] for row in rows} == set(bench_event.PATTERNS)
     assert all(float(row[3]) > 0.4 for row in rows), "the events must reach their sparsity"
+    assert all(float(row[5]) > 0 for row in rows), "each event in memory passes"
+    assert "worst *vs distinct*" in text and "worst *vs 1x1*" in text  # the per-size summary
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
