@@ -32,9 +32,9 @@ from lightning_prune.lifecycle import (
     steps_per_batch,
     total_steps,
 )
+from lightning_prune.lightning_internals import validation_metric_names
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import Pattern
-from lightning_prune.plots import curve_figure, figure_png, figure_rgb
 from lightning_prune.progressive import Progressive
 from lightning_prune.pruner import Pruner, PruningEvent
 from lightning_prune.regularizers import Regularizer
@@ -43,6 +43,7 @@ from lightning_prune.schedules import (
     Schedule,
     check_curve,
     check_step_spec,
+    check_window,
     is_known_length,
     resolve_schedule,
 )
@@ -83,15 +84,6 @@ def _check_monitor(monitor: object) -> tuple[str, ...] | None:
             "metric logged during validation"
         )
     return tuple(names)
-
-
-def _validation_metric_names(trainer: pl.Trainer) -> list[str]:
-    """Names the model logged in the validation run that just ended, as ``callback_metrics`` keys."""
-    # Lightning keeps no public list of which metrics came from validation; the running loop's
-    # result collection has it. tests/test_reporting.py guards this against Lightning changes.
-    results = trainer._results
-    names = dict.fromkeys(result.meta.name for result in (results.values() if results is not None else []))
-    return [name for name in names if name in trainer.callback_metrics]
 
 
 class PruningCallback(Callback):
@@ -187,25 +179,23 @@ class PruningCallback(Callback):
         super().__init__()
         self.options = PruningOptions(
             target_sparsity=target_sparsity,
-            pattern=pattern,  # type: ignore[arg-type]
-            criterion=criterion,  # type: ignore[arg-type]
+            pattern=pattern,
+            criterion=criterion,
             scope=scope,
-            include=include,  # type: ignore[arg-type]
-            exclude=exclude,  # type: ignore[arg-type]
-            op_types=op_types,  # type: ignore[arg-type]
+            include=include,
+            exclude=exclude,
+            op_types=op_types,
             skip_last_layer=skip_last_layer,
             skip_embeddings=skip_embeddings,
             min_sparsity_per_layer=min_sparsity_per_layer,
             max_sparsity_per_layer=max_sparsity_per_layer,
-            progressive=progressive,  # type: ignore[arg-type]
-            regularizer=regularizer,  # type: ignore[arg-type]
+            progressive=progressive,
+            regularizer=regularizer,
             regularizer_coeff=regularizer_coeff,
         )
         self.start_step = check_step_spec("start_step", start_step)
         self.end_step = check_step_spec("end_step", end_step)
-        same_kind = self.start_step is not None and type(self.start_step) is type(self.end_step)
-        if same_kind and self.end_step < self.start_step:  # type: ignore[operator]
-            raise ValueError(f"end_step={end_step!r} is before start_step={start_step!r}")
+        check_window(self.start_step, self.end_step)
         self.frequency = check_int("frequency", frequency, minimum=1, none_means="about 20 events")
         self.sparsity_curve = check_curve(sparsity_curve)
         self.monitor = _check_monitor(monitor)
@@ -298,7 +288,7 @@ class PruningCallback(Callback):
         self._logged_events = len(pruner.events)
         if self.verbose:
             self._describe(pruner, origin)
-        if pruner.due_sparsity() is not None and self.options.criterion.needs_gradients:
+        if pruner.due_sparsity() is not None and self.options.criterion.needs:
             score_at_init(trainer, pl_module, pruner)
         for optimizer in trainer.optimizers:
             # Lightning's on_before_optimizer_step feeds gradient criteria: with a closure the
@@ -368,21 +358,10 @@ class PruningCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if self.pruner is None or not self.options.criterion.needs_gradients or self.pruner.finished:
-            return  # nothing to score (magnitude), or no event left to use the scores
-        # A GradScaler skips the step if any of the optimizer's gradients is not finite, pruned or not;
-        # the targets' own gradients are checked by the Pruner, so only the others are added here.
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            targets = {id(t.param) for t in self.pruner.targets}
-            others = [
-                p.grad
-                for group in optimizer.param_groups
-                for p in group["params"]
-                if p.grad is not None and id(p) not in targets
-            ]
-            self.pruner.accumulate_scores(also_check=others)
-        else:
-            self.pruner.accumulate_scores()
+        if self.pruner is not None:
+            # A GradScaler skips a step if any of the optimizer's gradients is not finite.
+            scaling = getattr(trainer.precision_plugin, "scaler", None) is not None
+            self.pruner.before_step(optimizer, skips_non_finite=scaling)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -410,7 +389,7 @@ class PruningCallback(Callback):
         self._check_monitor_logged(trainer, available)
         if trainer.sanity_checking:
             return  # the values of an untrained model's sanity check are not history
-        names = _validation_metric_names(trainer) if self.monitor is None else self.monitor
+        names = validation_metric_names(trainer) if self.monitor is None else self.monitor
         metrics = {}
         for name in names:
             value = available[name]
@@ -477,6 +456,8 @@ class PruningCallback(Callback):
             f"{type(pl_module).__name__}, {len(self.pruner.targets)} layers / {pruned:,} weights pruned: "
             f"{self._summary()}"
         )
+        from lightning_prune.plots import curve_figure, figure_png, figure_rgb  # matplotlib, at fit end only
+
         figure = curve_figure(self.history, title=title)
         write_atomically(folder / "curve.png", figure_png(figure))
         for logger in trainer.loggers:

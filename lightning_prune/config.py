@@ -19,11 +19,17 @@ from lightning_prune.targets import DEFAULT_OP_TYPES
 # OmegaConf reads the annotations at run time and does not understand `X | Y`: keep typing's forms.
 @dataclass
 class PruningConfig:
-    """Every :class:`~lightning_prune.PruningCallback` argument, typed for OmegaConf; see its docs."""
+    """Every :class:`~lightning_prune.PruningCallback` argument, typed for OmegaConf; see its docs.
+
+    Strategies take a name or a mapping: ``criterion: {name: snip_momentum, alpha: 0.9, beta: 1.0}``,
+    or Hydra's ``{_target_: lightning_prune.SnipMomentumCriterion, alpha: 0.9}``; likewise
+    ``pattern: {name: 4x1, reduce: max}``, ``progressive: {steps: 2, kind: linear}``.
+    """
 
     target_sparsity: float = 0.9
-    pattern: str = "4x1"
-    criterion: str = "magnitude"
+    # A name or a mapping (OmegaConf has no unions with containers): checked by the callback.
+    pattern: Any = "4x1"
+    criterion: Any = "magnitude"
     start_step: Union[int, float] | None = None  # noqa: UP007
     end_step: Union[int, float] | None = None  # noqa: UP007
     frequency: int | None = None
@@ -37,8 +43,8 @@ class PruningConfig:
     skip_embeddings: bool = True
     min_sparsity_per_layer: float = 0.0
     max_sparsity_per_layer: float = 0.98
-    progressive: bool = False
-    regularizer: str | None = None
+    progressive: Any = False
+    regularizer: Any = None
     regularizer_coeff: float | None = None
     # OmegaConf has no unions with containers: a name or a list of names, checked by the callback.
     monitor: Any = None

@@ -1,67 +1,107 @@
 """Criteria: how important each weight is, as an element score (higher is kept).
 
-A criterion holds configuration only. Any running state (accumulated scores) lives in a buffer that
-the :class:`~lightning_prune.pruner.Pruner` owns, checkpoints and hands back, so one criterion object
-can serve several runs and its state is never shared by accident.
+A criterion holds configuration only. Its running state (accumulated scores, activation statistics)
+lives in a tensor the :class:`~lightning_prune.pruner.Pruner` owns, checkpoints and hands back, so
+one criterion object can serve several runs and its state is never shared by accident.
+
+The lifecycle, for each target (a weight with its module and layout)::
+
+    needs                  what scores are made of besides the weight: "gradients", "activations"
+    supports(target)       why this target cannot be scored (the Pruner leaves it dense), or None
+    init_state(target)     the state tensor (or None), once
+    accumulate(state, ..)  after each backward, before the real optimizer step ("gradients")
+    observe(state, ..)     the module's inputs, from forward hooks that exist only while the
+                           Pruner is calibrating ("activations")
+    score(state, param)    element scores at each pruning event
+    after_event(state)     right after each event
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
 from lightning_prune.checks import check_int
+from lightning_prune.registry import Registry, build_strategy
 from lightning_prune.value import ValueObject
 
+if TYPE_CHECKING:
+    from lightning_prune.targets import Target
+
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GRADIENTS = "gradients"
+ACTIVATIONS = "activations"
 
 
 class Criterion(ValueObject, ABC):
-    """Scores weights; subclasses that need gradients accumulate them into a buffer.
+    """Scores weights from the weight itself and what :attr:`needs` declares.
 
-    The Pruner calls :meth:`init_buffer` once per target, :meth:`accumulate` before every real
-    optimizer step (gradients unscaled and synchronised), :meth:`score` at each pruning event and
-    :meth:`after_event` right after it.
+    Subclasses implement :meth:`score`; those that need gradients or activations keep a state
+    (:meth:`init_state`) that :meth:`accumulate` or :meth:`observe` fill.
     """
 
     #: Registry name, used by configs: ``criterion="magnitude"``.
     name: ClassVar[str] = ""
-    #: Whether scores need gradients (the Pruner then calls :meth:`accumulate` each step).
-    needs_gradients: ClassVar[bool] = False
+    #: What scores are made of besides the weight: ``{"gradients"}``, ``{"activations"}`` or none.
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether :meth:`accumulate` must see the gradients of every real optimizer step."""
+        return GRADIENTS in self.needs
+
+    @property
+    def needs_activations(self) -> bool:
+        """Whether :meth:`observe` must see layer inputs while the Pruner calibrates."""
+        return ACTIVATIONS in self.needs
+
+    def supports(self, target: Target) -> str | None:
+        """Why ``target`` cannot be scored by this criterion (it is then left dense), or ``None``."""
+        return None
+
+    def init_state(self, target: Target) -> Tensor | None:
+        """The state tensor for ``target``, or ``None`` when the criterion keeps none."""
+        return self.init_buffer(target.param)
 
     def init_buffer(self, param: Tensor) -> Tensor | None:
-        """A score buffer for ``param``, or ``None`` when the criterion keeps no state."""
+        """A state shaped from the weight alone (what :meth:`init_state` gives by default)."""
         return None
 
     def accumulate(self, buffer: Tensor | None, param: Tensor, finite: Tensor) -> None:
-        """Fold ``param.grad`` into ``buffer``; called before each real optimizer step.
+        """Fold ``param.grad`` into the state; called before each real optimizer step.
 
         Args:
-            buffer: this criterion's buffer for ``param``.
+            buffer: this criterion's state for ``param``.
             param: the weight, with ``.grad`` unscaled and synchronised across ranks.
             finite: 0-d bool tensor, ``False`` when any targeted gradient of this step is not finite
                 (an AMP step the gradient scaler will skip); such a step must add nothing.
         """
+
+    def observe(self, state: Tensor | None, target: Target, inputs: tuple[Any, ...]) -> None:
+        """Fold one forward call's ``inputs`` to ``target.module`` into the state (while calibrating)."""
 
     @abstractmethod
     def score(self, buffer: Tensor | None, param: Tensor) -> Tensor:
         """Element scores shaped like ``param``: a new float32 tensor (the Pruner edits it in place)."""
 
     def after_event(self, buffer: Tensor | None) -> None:
-        """Called after each pruning event, e.g. to reset ``buffer``."""
+        """Called after each pruning event, e.g. to reset the state."""
 
 
-CRITERIA: dict[str, type[Criterion]] = {}
+#: Criteria by name: ``criterion="snip_momentum"`` in any config.
+CRITERIA: Registry[Criterion] = Registry("criterion", forgiving=True)
+
+C = TypeVar("C", bound=type[Criterion])
 
 
-def register_criterion(cls: type[Criterion]) -> type[Criterion]:
-    """Class decorator: make ``cls`` selectable by its ``name`` from configs."""
+def register_criterion(cls: C) -> C:
+    """Class decorator: make ``cls`` selectable by its ``name`` from Python, YAML, LightningCLI and Hydra."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered")
-    CRITERIA[cls.name] = cls
+    CRITERIA.add(cls.name, cls)
     return cls
 
 
@@ -88,7 +128,7 @@ class AccumulatingCriterion(Criterion):
         score_dtype: ``"float32"`` or ``"bfloat16"`` (half the memory, for large models).
     """
 
-    needs_gradients = True
+    needs = frozenset({GRADIENTS})
 
     def __init__(
         self,
@@ -210,14 +250,60 @@ class MovementCriterion(AccumulatingCriterion):
         return -(weight * grad)
 
 
-def parse_criterion(spec: str | Criterion) -> Criterion:
-    """Turn a criterion name from a config into a :class:`Criterion`; objects pass through.
+@register_criterion
+class WandaCriterion(Criterion):
+    """``|W_ij| * ||X_j||_2`` (Sun et al. 2023, Wanda): the weight times the L2 norm of its input
+    channel over the calibration data.
+
+    The norms are gathered by forward hooks that exist only while the Pruner calibrates (for the
+    callback: ``init_batches`` training batches before an event due at the start of fit); an event
+    with no calibration behind it is an error. Layers whose input is one tensor with the channels on
+    a known axis are supported: Linear, Hugging Face Conv1D, convolutions without groups.
+
+    Args:
+        init_batches: training batches the callback calibrates on before an event at the start of fit.
+    """
+
+    name = "wanda"
+    needs = frozenset({ACTIVATIONS})
+
+    def __init__(self, init_batches: int = 1) -> None:
+        self.init_batches = check_int(f"{self.name} init_batches", init_batches, minimum=1)
+
+    def supports(self, target: Target) -> str | None:
+        if isinstance(target.module, torch.nn.Embedding):
+            return "an embedding's input is token ids, not activations"
+        if target.layout.row_blocks > 1 or target.layout.groups > 1:
+            return f"layout {target.layout.name!r}: its input channels do not map onto one weight axis"
+        return None
+
+    def init_state(self, target: Target) -> Tensor:
+        # Sum of squared inputs per input channel, shaped to broadcast against the stored weight.
+        param = target.param
+        shape = [1] * param.dim()
+        shape[1] = target.layout.standard_shape(tuple(param.shape))[1]
+        standard = torch.zeros(shape, dtype=torch.float32, device=param.device)
+        return target.layout.from_standard(standard).contiguous()
+
+    def observe(self, state: Tensor | None, target: Target, inputs: tuple[Any, ...]) -> None:
+        assert state is not None
+        x = inputs[0].detach()
+        weight_dims = target.param.dim()
+        # Linear-like layers take (..., in); convolutions (N, C, *spatial) or unbatched (C, *spatial).
+        channel = x.dim() - 1 if weight_dims == 2 else (1 if x.dim() == weight_dims else 0)
+        others = [d for d in range(x.dim()) if d != channel]
+        state.view(-1).add_(x.float().square().sum(dim=others))
+
+    def score(self, buffer: Tensor | None, param: Tensor) -> Tensor:
+        assert buffer is not None
+        return param.detach().abs().float() * buffer.sqrt()
+
+
+def parse_criterion(spec: object) -> Criterion:
+    """Turn a criterion from a config into a :class:`Criterion`: a registered name, an object, or a
+    mapping with ``name`` or ``_target_`` and the class's options (see :func:`build_strategy`).
 
     Raises:
         ValueError: naming the value and the registered names.
     """
-    if isinstance(spec, Criterion):
-        return spec
-    if isinstance(spec, str) and spec.strip().lower() in CRITERIA:
-        return CRITERIA[spec.strip().lower()]()
-    raise ValueError(f"criterion={spec!r} is not one of {sorted(CRITERIA)} or a Criterion object")
+    return build_strategy(spec, Criterion, CRITERIA, "criterion")

@@ -6,35 +6,21 @@ checkpoint without pruning state past the schedule's start.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 
+from lightning_prune.lightning_internals import logging_muted, train_dataloader
 from lightning_prune.pruner import Pruner
 
 
-@contextmanager
-def _logging_muted(pl_module: pl.LightningModule) -> Iterator[None]:
-    # training_step usually calls self.log, which Lightning refuses outside its loops.
-    def muted(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    pl_module.log, pl_module.log_dict = muted, muted  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del pl_module.log, pl_module.log_dict
-
-
 def score_at_init(trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Pruner) -> None:
-    """Feed the criterion the gradients of its ``init_batches`` first training batches; no step is taken.
+    """Feed the criterion its ``init_batches`` first training batches before the fit's first step.
 
-    The batches go through ``trainer.strategy.training_step``, so precision and DDP apply as in
-    training, and gradients are zeroed afterwards.
+    A gradient criterion gets their gradients (forward and backward, no optimizer step); an activation
+    criterion sees the layer inputs of a forward pass inside :meth:`Pruner.calibrating`, without
+    gradients. The batches go through ``trainer.strategy.training_step``, so precision and DDP apply as
+    in training, and gradients are zeroed afterwards.
 
     Raises:
         ValueError: under manual optimization, whose ``training_step`` steps optimizers itself.
@@ -48,12 +34,10 @@ def score_at_init(trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Pr
             "optimization start pruning after the fit's first step (start_step >= 1, or resume from a "
             "checkpoint with pruning state)"
         )
-    if trainer.train_dataloader is None:
-        trainer.fit_loop.setup_data()  # as Lightning's own estimated_stepping_batches does
-    loader = CombinedLoader(trainer.train_dataloader, mode="max_size_cycle")
-    iterator = iter(loader)
+    iterator = iter(CombinedLoader(train_dataloader(trainer), mode="max_size_cycle"))
+    backward = criterion.needs_gradients
     pl_module.zero_grad(set_to_none=True)
-    with _logging_muted(pl_module), torch.enable_grad():
+    with logging_muted(pl_module), pruner.calibrating(), torch.set_grad_enabled(backward):
         for index in range(batches):
             try:
                 batch, _, _ = next(iterator)
@@ -64,7 +48,7 @@ def score_at_init(trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Pr
             batch = trainer.strategy.batch_to_device(batch)
             output = trainer.strategy.training_step(batch, index)
             loss = output["loss"] if isinstance(output, dict) else output
-            if loss is None:
+            if not backward or loss is None:
                 continue
             loss.backward()
             pruner.accumulate_scores()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from lightning_prune.checks import check_fraction
 from lightning_prune.criteria import Criterion, parse_criterion
@@ -16,20 +17,26 @@ from lightning_prune.targets import DEFAULT_OP_TYPES, compile_patterns
 SCOPES = ("global", "local")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PruningOptions:
     """What the callback or a :class:`~lightning_prune.pruner.Pruner` prunes, and how far.
 
-    Strings are parsed into strategy objects here, so a config file and Python code give the same
-    result, and every bad value raises at construction with the key, the value and what is accepted.
+    Values come in any config form (names, mappings, objects) and are kept normalised: strings are
+    parsed into strategy objects here, so a config file and Python code give the same result, and
+    every bad value raises at construction with the key, the value and what is accepted. The
+    callback's signature and :class:`~lightning_prune.config.PruningConfig` repeat these arguments;
+    ``tests/test_options.py`` keeps all three alike.
 
     Args:
         target_sparsity: final fraction of zeros among the targeted weights, in ``[0, 1)``.
-        pattern: ``"1x1"``, ``"NxM"``, ``"channelx1"``, ``"1xchannel"``, ``"N:M"`` or a Pattern.
-        criterion: a registered criterion name or a Criterion object.
+        pattern: ``"1x1"``, ``"NxM"``, ``"channelx1"``, ``"1xchannel"``, ``"N:M"``, a registered name,
+            a Pattern, or a mapping with ``name``/``_target_`` and options.
+        criterion: a registered criterion name, a Criterion object, or a mapping with
+            ``name``/``_target_`` and options (``{"name": "snip_momentum", "alpha": 0.9}``).
         scope: ``"global"`` ranks all targets together; ``"local"`` prunes each layer to the target.
-        include: regexes (``re.search``) over qualified module names; only matches are pruned.
-        exclude: regexes over qualified module names that are never pruned.
+        include: a regex or list of regexes (``re.search``) over qualified module names; only
+            matches are pruned.
+        exclude: a regex or list of regexes over qualified module names that are never pruned.
         op_types: module class names whose weights are pruned (subclasses count).
         skip_last_layer: leave the model's last layer in registration order (the head) dense, and
             the embedding it is tied to, if any.
@@ -38,60 +45,74 @@ class PruningOptions:
         min_sparsity_per_layer: least sparsity of any targeted layer.
         max_sparsity_per_layer: most sparsity of any targeted layer.
         progressive: ease newly pruned structured groups in over several steps: ``True`` for the
-            default :class:`~lightning_prune.progressive.Progressive`, or such an object.
-        regularizer: ``"group_lasso"``, a Regularizer object, or ``None``.
+            default :class:`~lightning_prune.progressive.Progressive`, such an object, or a mapping
+            of its arguments.
+        regularizer: ``"group_lasso"``, a Regularizer object, a mapping, or ``None``.
         regularizer_coeff: strength of a regularizer given by name (its default when ``None``).
     """
 
-    target_sparsity: float = 0.9
-    pattern: Pattern = field(default="4x1")  # type: ignore[assignment]
-    criterion: Criterion = field(default="magnitude")  # type: ignore[assignment]
-    scope: str = "global"
-    include: tuple[re.Pattern[str], ...] = ()
-    exclude: tuple[re.Pattern[str], ...] = ()
-    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
-    skip_last_layer: bool = True
-    skip_embeddings: bool = True
-    min_sparsity_per_layer: float = 0.0
-    max_sparsity_per_layer: float = 0.98
-    progressive: Progressive | None = None
-    regularizer: Regularizer | None = None
-    regularizer_coeff: float | None = None
+    target_sparsity: float
+    pattern: Pattern
+    criterion: Criterion
+    scope: str
+    include: tuple[re.Pattern[str], ...]
+    exclude: tuple[re.Pattern[str], ...]
+    op_types: tuple[str, ...]
+    skip_last_layer: bool
+    skip_embeddings: bool
+    min_sparsity_per_layer: float
+    max_sparsity_per_layer: float
+    progressive: Progressive | None
+    regularizer: Regularizer | None
 
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen: normalise once, here
+    def __init__(
+        self,
+        target_sparsity: float = 0.9,
+        pattern: str | int | Pattern | Mapping[str, Any] = "4x1",
+        criterion: str | Criterion | Mapping[str, Any] = "magnitude",
+        scope: str = "global",
+        include: str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None = None,
+        exclude: str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None = None,
+        op_types: str | Sequence[str | type] = DEFAULT_OP_TYPES,
+        skip_last_layer: bool = True,
+        skip_embeddings: bool = True,
+        min_sparsity_per_layer: float = 0.0,
+        max_sparsity_per_layer: float = 0.98,
+        progressive: bool | Progressive | Mapping[str, Any] | None = False,
+        regularizer: str | Regularizer | Mapping[str, Any] | None = None,
+        regularizer_coeff: float | None = None,
+    ) -> None:
+        set_ = object.__setattr__  # frozen: normalised once, here
         set_(
-            self,
-            "target_sparsity",
-            check_fraction("target_sparsity", self.target_sparsity, upper_inclusive=False),
+            self, "target_sparsity", check_fraction("target_sparsity", target_sparsity, upper_inclusive=False)
         )
-        pattern = self.pattern
         if isinstance(pattern, str) and pattern.strip().isdigit() and int(pattern) >= 60:
             # A str-typed config field (OmegaConf, Hydra) turned YAML's base-60 reading of an
             # unquoted N:M into text: parse it as the number it was, for the same pointed error.
-            pattern = int(pattern)  # type: ignore[assignment]
+            pattern = int(pattern)
         set_(self, "pattern", parse_pattern(pattern))
-        set_(self, "criterion", parse_criterion(self.criterion))
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope={self.scope!r} is not one of {list(SCOPES)}")
-        set_(self, "include", _compiled("include", self.include))
-        set_(self, "exclude", _compiled("exclude", self.exclude))
-        set_(self, "op_types", _op_types(self.op_types))
-        for key in ("skip_last_layer", "skip_embeddings"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{key}={getattr(self, key)!r} must be true or false")
-        low = check_fraction("min_sparsity_per_layer", self.min_sparsity_per_layer, upper_inclusive=True)
-        high = check_fraction("max_sparsity_per_layer", self.max_sparsity_per_layer, upper_inclusive=True)
-        set_(self, "min_sparsity_per_layer", low)
-        set_(self, "max_sparsity_per_layer", high)
+        set_(self, "criterion", parse_criterion(criterion))
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} is not one of {list(SCOPES)}")
+        set_(self, "scope", scope)
+        set_(self, "include", compile_patterns("include", include))
+        set_(self, "exclude", compile_patterns("exclude", exclude))
+        set_(self, "op_types", _op_types(op_types))
+        for key, value in (("skip_last_layer", skip_last_layer), ("skip_embeddings", skip_embeddings)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key}={value!r} must be true or false")
+            set_(self, key, value)
+        low = check_fraction("min_sparsity_per_layer", min_sparsity_per_layer, upper_inclusive=True)
+        high = check_fraction("max_sparsity_per_layer", max_sparsity_per_layer, upper_inclusive=True)
         if low > high:
             raise ValueError(
                 f"min_sparsity_per_layer={low} is above max_sparsity_per_layer={high}; need min <= max"
             )
-        set_(self, "progressive", parse_progressive(self.progressive))
+        set_(self, "min_sparsity_per_layer", low)
+        set_(self, "max_sparsity_per_layer", high)
+        set_(self, "progressive", parse_progressive(progressive))
         check_progressive_pattern(self.progressive, self.pattern)
-        set_(self, "regularizer", parse_regularizer(self.regularizer, self.regularizer_coeff))
-        set_(self, "regularizer_coeff", None)  # folded into the regularizer object
+        set_(self, "regularizer", parse_regularizer(regularizer, regularizer_coeff))  # coeff folded in
         if self.regularizer is not None:
             self.regularizer.check_pattern(self.pattern)
         target = self.target_sparsity
@@ -124,12 +145,6 @@ def _describe(pattern: Pattern) -> str:
     # A pattern's repr shows its string only; its other settings (reduce) change results too.
     fields = ", ".join(f"{key}={value!r}" for key, value in sorted(vars(pattern).items()))
     return f"{type(pattern).__name__}({fields})"
-
-
-def _compiled(key: str, value: object) -> tuple[re.Pattern[str], ...]:
-    if isinstance(value, tuple) and all(isinstance(v, re.Pattern) for v in value):
-        return value
-    return compile_patterns(key, value)  # type: ignore[arg-type]
 
 
 def _op_types(value: object) -> tuple[str, ...]:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
+
+from lightning_prune.registry import Registry, build_strategy
 
 REDUCTIONS: dict[str, Callable[[Tensor, tuple[int, ...]], Tensor]] = {
     "mean": lambda t, dims: t.mean(dim=dims),
@@ -62,6 +65,10 @@ class Pattern(ABC):
 
     #: Largest fraction of a layer this pattern can zero.
     max_sparsity: float = 1.0
+    #: A pruned group is zeroed whole (group lasso can shrink groups; N:M keeps N of M, so not).
+    removes_whole_groups: ClassVar[bool] = True
+    #: Groups hold more than one weight (progressive pruning has structure to ease in).
+    structured: ClassVar[bool] = True
 
     def tiling_error(self, shape: torch.Size) -> str | None:
         """Why this pattern cannot tile a weight of ``shape``, or ``None`` when it can."""
@@ -108,6 +115,8 @@ class Pattern(ABC):
 
 class UnstructuredPattern(Pattern):
     """``"1x1"``: every weight is its own group."""
+
+    structured = False
 
     def group_view(self, t: Tensor) -> Tensor:
         return t.unsqueeze(-1)
@@ -245,6 +254,8 @@ class NMPattern(Pattern):
         reduce: how the scores of the weights a group would lose make its cost.
     """
 
+    removes_whole_groups = False  # it keeps n of every m
+
     def __init__(self, n: int, m: int, reduce: str = "mean") -> None:
         _check_sizes(n, m)
         if not 0 < n < m:
@@ -300,41 +311,58 @@ class NMPattern(Pattern):
         return f"{self.n}:{self.m}"
 
 
-PATTERN_HELP = "'1x1', 'NxM' (e.g. '4x1'), 'channelx1', '1xchannel', 'N:M' (e.g. '2:4'), or a Pattern object"
+#: Patterns by name and by name family (``"NxM"``, ``"N:M"``): ``pattern="4x1"`` in any config.
+PATTERNS: Registry[Pattern] = Registry("pattern", forgiving=True)
 
 
-def parse_pattern(spec: str | Pattern) -> Pattern:
-    """Turn a pattern string from a config into a :class:`Pattern`; objects pass through.
+def _blocks(match: re.Match[str], **options: Any) -> Pattern:
+    rows, cols = int(match[1]), int(match[2])
+    if rows < 1 or cols < 1:
+        raise ValueError(f"pattern={match[0]!r}: block sizes must be >= 1; accepted: {PATTERNS.names()}")
+    return UnstructuredPattern() if rows == cols == 1 and not options else BlockPattern(rows, cols, **options)
+
+
+def _n_of_m(match: re.Match[str], **options: Any) -> Pattern:
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise ValueError(f"pattern={match[0]!r}: N:M needs 0 < N < M; accepted: {PATTERNS.names()}")
+    return NMPattern(n, m, **options)
+
+
+PATTERNS.add("1x1", UnstructuredPattern)
+PATTERNS.add("channelx1", lambda **options: ChannelPattern("input", **options))
+PATTERNS.add("1xchannel", lambda **options: ChannelPattern("output", **options))
+PATTERNS.add_family(r"(\d+)x(\d+)", _blocks, "NxM", "4x1")
+PATTERNS.add_family(r"(\d+):(\d+)", _n_of_m, "N:M", "2:4")
+
+
+P = TypeVar("P", bound=type[Pattern])
+
+
+def register_pattern(name: str) -> Callable[[P], P]:
+    """Class decorator: make a :class:`Pattern` subclass selectable as ``pattern=name`` from configs."""
+
+    def register(cls: P) -> P:
+        PATTERNS.add(name, cls)
+        return cls
+
+    return register
+
+
+def parse_pattern(spec: object) -> Pattern:
+    """Turn a pattern from a config into a :class:`Pattern`: a registered name (``"4x1"``, ``"2:4"``),
+    an object, or a mapping with ``name`` or ``_target_`` and options (``{"name": "4x1", "reduce": "max"}``).
 
     Raises:
         ValueError: naming the value and what is accepted.
     """
-    if isinstance(spec, Pattern):
-        return spec
     if isinstance(spec, int) and not isinstance(spec, bool) and spec >= 60:
         # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124.
         raise ValueError(
             f"pattern={spec!r} is a number; YAML reads an unquoted '{spec // 60}:{spec % 60}' as base-60 "
-            f'{spec}, so quote it: pattern: "{spec // 60}:{spec % 60}". Accepted: {PATTERN_HELP}'
+            f'{spec}, so quote it: pattern: "{spec // 60}:{spec % 60}". Accepted: {PATTERNS.names()}'
         )
-    if not isinstance(spec, str):
-        raise ValueError(f"pattern={spec!r} is not a string or Pattern; accepted: {PATTERN_HELP}")
-    text = spec.strip().lower()
-    if text == "channelx1":
-        return ChannelPattern("input")
-    if text == "1xchannel":
-        return ChannelPattern("output")
-    if match := re.fullmatch(r"(\d+)x(\d+)", text):
-        rows, cols = int(match[1]), int(match[2])
-        if rows < 1 or cols < 1:
-            raise ValueError(f"pattern={spec!r}: block sizes must be >= 1; accepted: {PATTERN_HELP}")
-        return UnstructuredPattern() if rows == cols == 1 else BlockPattern(rows, cols)
-    if match := re.fullmatch(r"(\d+):(\d+)", text):
-        n, m = int(match[1]), int(match[2])
-        if not 0 < n < m:
-            raise ValueError(f"pattern={spec!r}: N:M needs 0 < N < M (e.g. '2:4'); accepted: {PATTERN_HELP}")
-        return NMPattern(n, m)
-    raise ValueError(f"pattern={spec!r} is not a known pattern; accepted: {PATTERN_HELP}")
+    return build_strategy(spec, Pattern, PATTERNS, "pattern")
 
 
 # ---------------------------------------------------------------------------- N:M without sorting

@@ -13,13 +13,15 @@ Stages are stored in one byte per weight, only while a fade is under way:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_prune.checks import is_int
-from lightning_prune.patterns import Pattern, UnstructuredPattern
+from lightning_prune.patterns import Pattern
 
 KINDS = ("scores", "linear")
 KEEP = 255
@@ -53,20 +55,29 @@ class Progressive:
             raise ValueError(f"progressive kind={self.kind!r} is not one of {list(KINDS)}")
 
 
-def parse_progressive(spec: bool | Progressive | None) -> Progressive | None:
-    """``True`` -> the default :class:`Progressive`; ``False``/``None`` -> off; objects pass through."""
+def parse_progressive(spec: object) -> Progressive | None:
+    """``True`` -> the default :class:`Progressive`; ``False``/``None`` -> off; a mapping of its
+    arguments (``{"steps": 2, "kind": "linear"}``, from YAML) -> that; objects pass through."""
     if spec is None or spec is False:
         return None
     if spec is True:
         return Progressive()
     if isinstance(spec, Progressive):
         return spec
-    raise ValueError(f"progressive={spec!r} must be true, false or a Progressive(steps=..., kind=...) object")
+    if isinstance(spec, Mapping):
+        try:
+            return Progressive(**{str(k): v for k, v in spec.items()})
+        except TypeError as error:
+            raise ValueError(f"progressive={dict(spec)!r}: {error}; accepted keys: steps, kind") from error
+    raise ValueError(
+        f"progressive={spec!r} must be true, false, a Progressive(steps=..., kind=...) object or a "
+        "mapping of its arguments"
+    )
 
 
 def check_progressive_pattern(progressive: Progressive | None, pattern: Pattern) -> None:
     """Progressive pruning eases structure in; unstructured pruning has none to ease."""
-    if progressive is not None and isinstance(pattern, UnstructuredPattern):
+    if progressive is not None and not pattern.structured:
         raise ValueError(
             "progressive=True needs a structured pattern ('NxM', 'channelx1', '1xchannel', 'N:M'); "
             f"pattern {str(pattern)!r} is unstructured"
@@ -108,3 +119,51 @@ def plan_fade(
 def interval_mask(stage: Tensor, position: int, out: Tensor) -> Tensor:
     """Write the keep mask of fade step ``position`` (1-based) into ``out``."""
     return torch.gt(stage, position, out=out)
+
+
+class Fade:
+    """A progressive fade under way: where each newly pruned weight becomes zero, and how far along.
+
+    It owns the stage tensors (one byte per weight, only while fading) and writes each step's interval
+    mask into the masks it is given. Its state is part of the Pruner's checkpoint.
+
+    Args:
+        stages: per target, the stage of every weight (see :func:`plan_fade`).
+        steps: the fade's length in optimizer steps.
+    """
+
+    def __init__(self, stages: list[Tensor], steps: int) -> None:
+        self.stages = stages
+        self.steps = steps
+        self.position = 0
+
+    @property
+    def done(self) -> bool:
+        return self.position >= self.steps
+
+    def advance(self, masks: list[Tensor]) -> None:
+        """One fade step: write the next interval mask of every target into ``masks``."""
+        self.position = min(self.position + 1, self.steps)
+        for stage, mask in zip(self.stages, masks, strict=True):
+            interval_mask(stage, self.position, out=mask)
+
+    def finish(self, masks: list[Tensor]) -> None:
+        """Jump to the last step: ``masks`` become the structured masks the event decided."""
+        self.position = self.steps - 1
+        self.advance(masks)
+
+    def state_dict(self, names: list[str]) -> dict[str, object]:
+        return {
+            "position": self.position,
+            "steps": self.steps,
+            "stages": dict(zip(names, self.stages, strict=True)),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], names: list[str], masks: list[Tensor]) -> Fade:
+        """A fade restored from :meth:`state_dict`, its stages on the masks' devices."""
+        fade = cls(
+            [state["stages"][n].to(m.device) for n, m in zip(names, masks, strict=True)], int(state["steps"])
+        )
+        fade.position = int(state["position"])
+        return fade

@@ -14,21 +14,22 @@ Use it from a plain PyTorch loop::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.masking import OptimizerTargets, step_mask, zero_pruned
+from lightning_prune.messages import info, warn
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import Pattern
-from lightning_prune.progressive import interval_mask, plan_fade, resolve_steps
+from lightning_prune.progressive import Fade, plan_fade, resolve_steps
 from lightning_prune.schedules import Schedule
 from lightning_prune.state import STATE_VERSION, check_header, check_state, compare_settings
 from lightning_prune.targets import Target, select_targets
@@ -37,6 +38,7 @@ from lightning_prune.thresholds import LayerGroups, select_groups
 #: Why a selected layer is left dense after all (see ``Pruner.left_out``).
 UNTILED = "the pattern cannot tile it"
 FROZEN = "frozen (requires_grad=False) under a gradient criterion"
+UNSUPPORTED = "the criterion cannot score it"
 #: Events over at least this many weights report their progress (about a second's work on a CPU).
 PROGRESS_MIN_WEIGHTS = 50_000_000
 
@@ -72,6 +74,10 @@ def tiling_error(pattern: Pattern, target: Target, max_sparsity: float = 1.0) ->
             "no group of it could ever be pruned"
         )
     return reason
+
+
+def _silent(message: str) -> None:
+    """Small events say nothing."""
 
 
 @dataclass(frozen=True)
@@ -129,13 +135,14 @@ class Pruner:
                 self.skipped[target.name] = reason
                 self.left_out[target.name] = (target.param.numel(), UNTILED)
         if self.skipped:
-            rank_zero_warn(
+            warn(
                 f"lightning_prune leaves {len(self.skipped)} layer(s) dense because pattern {str(pattern)!r} "
                 f"cannot tile them: {self.skipped}. Exclude them or pick another pattern to silence this."
             )
         if not self.targets:
             raise ValueError(f"pattern {str(pattern)!r} cannot tile any selected layer: {self.skipped}")
         criterion = self.options.criterion
+        self.targets = self._scorable(self.targets)
         if criterion.needs_gradients:
             self.targets = self._without_frozen(self.targets)
         self.masks: list[Tensor] = [torch.ones_like(t.param, dtype=torch.bool) for t in self.targets]
@@ -143,13 +150,16 @@ class Pruner:
         self._step_masks: list[Tensor] = [
             step_mask(t.param, m) for t, m in zip(self.targets, self.masks, strict=True)
         ]
-        self.buffers: list[Tensor | None] = [criterion.init_buffer(t.param) for t in self.targets]
+        #: The criterion's state per target (accumulated scores, activation statistics), or ``None``.
+        self.buffers: list[Tensor | None] = [criterion.init_state(t) for t in self.targets]
         #: Real optimizer steps taken (steps skipped by an AMP gradient scaler do not count).
         self.step = 0
         #: Every event so far, oldest first.
         self.events: list[PruningEvent] = []
         #: Steps whose gradients reached the criterion (gradient criteria need at least one).
         self.gradient_steps = 0
+        #: Forward calls the criterion observed while calibrating (activation criteria need one).
+        self.calibration_calls = 0
         progressive = self.options.progressive
         if progressive is not None:
             progressive = resolve_steps(progressive, None if schedule.one_shot else schedule.frequency)
@@ -160,11 +170,21 @@ class Pruner:
                 f"progressive steps={progressive.steps} is more than frequency={schedule.frequency}: a fade "
                 "must end before the next event; lower the steps or raise the frequency"
             )
-        # A fade under way: stage tensors (see progressive.py) and how many fade steps have passed.
-        self._fade_stages: list[Tensor] | None = None
-        self._fade_position = 0
-        self._fade_steps = 0  # the plan's own length, so a resumed fade ends as planned
+        #: A progressive fade under way, or ``None``.
+        self.fade: Fade | None = None
         self._handles: list[RemovableHandle] = []
+
+    def _scorable(self, targets: list[Target]) -> list[Target]:
+        criterion = self.options.criterion
+        reasons = {t.name: reason for t in targets if (reason := criterion.supports(t)) is not None}
+        if len(reasons) == len(targets):
+            raise ValueError(f"criterion {criterion.name!r} can score none of the selected layers: {reasons}")
+        if reasons:
+            warn(f"lightning_prune: criterion {criterion.name!r} cannot score {reasons}: they stay dense")
+        for target in targets:
+            if target.name in reasons:
+                self.left_out[target.name] = (target.param.numel(), UNSUPPORTED)
+        return [t for t in targets if t.name not in reasons]
 
     def _without_frozen(self, targets: list[Target]) -> list[Target]:
         # A gradient criterion would score a frozen weight 0 and prune it to the per-layer cap.
@@ -176,7 +196,7 @@ class Pruner:
                 "unfreeze them, or use criterion='magnitude'"
             )
         if frozen:
-            rank_zero_warn(
+            warn(
                 f"lightning_prune: criterion {name!r} scores from gradients, which {frozen} never get "
                 "(requires_grad=False): they stay dense for this run. Unfreeze them before fit, exclude "
                 "them to silence this, or use criterion='magnitude' to prune them too"
@@ -247,7 +267,7 @@ class Pruner:
         if self._handles and not self.finished:
             planned = self.schedule.event_steps()
             done = sum(1 for step in planned if step <= self.step)
-            rank_zero_warn(
+            warn(
                 f"lightning_prune: pruning stopped at step {self.step} with {done} of the schedule's "
                 f"{len(planned)} events done, sparsity {self.sparsity:.3f} of target_sparsity="
                 f"{self.options.target_sparsity}; the schedule runs to step {self.schedule.end_step} "
@@ -256,6 +276,64 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    @contextmanager
+    def calibrating(self) -> Iterator[None]:
+        """While inside, each target's module reports its inputs to the criterion.
+
+        The forward hooks exist only inside this block, so training and inference run hook-free.
+        For a criterion that needs no activations this does nothing. Run calibration batches
+        through the model inside it (under ``torch.no_grad()`` if no gradients are wanted)::
+
+            with pruner.calibrating(), torch.no_grad():
+                for x, _ in calibration_loader:
+                    model(x)
+        """
+        criterion = self.options.criterion
+        if not criterion.needs_activations:
+            yield
+            return
+        handles = [
+            target.module.register_forward_hook(self._observer(index))
+            for index, target in enumerate(self.targets)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _observer(self, index: int) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        target, state = self.targets[index], self.buffers[index]
+
+        def observe(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            self.options.criterion.observe(state, target, inputs)
+            if index == 0:
+                self.calibration_calls += 1
+
+        return observe
+
+    def before_step(self, optimizer: Optimizer, *, skips_non_finite: bool = False) -> None:
+        """Fold this step's gradients into a gradient criterion's state, before ``optimizer.step()``.
+
+        Args:
+            optimizer: the optimizer about to step.
+            skips_non_finite: an AMP gradient scaler will skip this step if any of the optimizer's
+                gradients is not finite, pruned or not; then the others are checked too, and such a
+                step adds nothing.
+        """
+        if not self.options.criterion.needs_gradients or self.finished:
+            return
+        others: list[Tensor] = []
+        if skips_non_finite:
+            targets = {id(t.param) for t in self.targets}
+            others = [
+                p.grad
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None and id(p) not in targets
+            ]
+        self.accumulate_scores(also_check=others)
 
     def accumulate_scores(self, also_check: Sequence[Tensor] = ()) -> None:
         """Fold the current gradients into the criterion's buffers (no-op for magnitude).
@@ -289,7 +367,7 @@ class Pruner:
                 target = self.targets[index]
                 standard = target.layout.to_standard(target.param)
                 regularizer.apply(standard, float(group["lr"]), self.options.pattern)
-        fading = self._fade_stages is not None
+        fading = self.fade is not None
         if fading:
             self._advance_fade()  # applies every mask
         if self.schedule.is_event(self.step):
@@ -311,57 +389,42 @@ class Pruner:
     @property
     def fading(self) -> bool:
         """Whether a progressive fade is under way."""
-        return self._fade_stages is not None
+        return self.fade is not None
 
     @torch.no_grad()
-    def _advance_fade(self) -> None:
-        assert self._fade_stages is not None
-        self._fade_position = min(self._fade_position + 1, self._fade_steps)
-        for stage, mask in zip(self._fade_stages, self.masks, strict=True):
-            interval_mask(stage, self._fade_position, out=mask)
-        if self._fade_position >= self._fade_steps:
-            self._fade_stages = None
+    def _advance_fade(self, *, finish: bool = False) -> None:
+        assert self.fade is not None
+        if finish:
+            self.fade.finish(self.masks)
+        else:
+            self.fade.advance(self.masks)
+        if self.fade.done:
+            self.fade = None
         self.apply_masks()
 
     # ------------------------------------------------------------------ pruning
     @torch.no_grad()
     def prune(self, sparsity: float) -> PruningEvent:
-        """Raise the targets to ``sparsity`` now: scores -> pattern -> selection -> masks -> weights.
+        """Raise the targets to ``sparsity`` now: score -> select -> commit.
 
         Masks only grow: weights pruned earlier are ranked below every live weight.
         """
-        pattern, criterion = self.options.pattern, self.options.criterion
-        if criterion.needs_gradients and self.gradient_steps == 0:
-            raise RuntimeError(
-                f"criterion {criterion.name!r} needs gradients, but the pruning event at step {self.step} "
-                "came before any: score at least one backward pass first (the callback does this for "
-                "events at step 0 with the criterion's init_batches), or start pruning at step >= 1"
-            )
-        if self._fade_stages is not None:  # a short last interval: finish the previous fade first
-            self._fade_position = self._fade_steps
-            self._advance_fade()
+        self._check_scores_exist()
+        if self.fade is not None:  # a short last interval: finish the previous fade first
+            self._advance_fade(finish=True)
         weights = sum(m.numel() for m in self.masks)
         started = time.perf_counter()
-        say = rank_zero_info if weights >= PROGRESS_MIN_WEIGHTS else lambda message: None
+        say = info if weights >= PROGRESS_MIN_WEIGHTS else _silent
+
+        def phase(what: str) -> None:
+            say(f"lightning_prune: event at step {self.step}: {what} ({time.perf_counter() - started:.1f} s)")
+
         say(
             f"lightning_prune: event at step {self.step}: scoring {weights:,} weights in "
             f"{len(self.targets)} layers to sparsity {sparsity:.4f}"
         )
-        layers, scores = [], []
-        for target, mask, buffer in zip(self.targets, self.masks, self.buffers, strict=True):
-            score = criterion.score(buffer, target.param).masked_fill_(~mask, float("-inf"))
-            if bool(score.isnan().any()):  # a broken weight or score: prune it first, and say so
-                rank_zero_warn(
-                    f"lightning_prune: {target.name} has NaN scores; those weights are pruned first"
-                )
-                score.masked_fill_(score.isnan(), float("-inf"))
-            standard = target.layout.to_standard(score)  # patterns read (out, in, *kernel)
-            costs = pattern.group_costs(standard)
-            layers.append(LayerGroups(costs.flatten(), pattern.group_size(standard.shape), score.numel()))
-            scores.append((standard, costs.shape))
-        say(
-            f"lightning_prune: event at step {self.step}: selecting groups ({time.perf_counter() - started:.1f} s)"
-        )
+        layers, scores = self._score()
+        phase("selecting groups")
         selected = select_groups(
             layers,
             sparsity,
@@ -369,10 +432,49 @@ class Pruner:
             self.options.min_sparsity_per_layer,
             self.options.max_sparsity_per_layer,
         )
+        phase("building masks")
+        event = self._commit(sparsity, scores, selected)
         say(
-            f"lightning_prune: event at step {self.step}: building masks ({time.perf_counter() - started:.1f} s)"
+            f"lightning_prune: event at step {self.step} done in {time.perf_counter() - started:.1f} s, "
+            f"sparsity {event.sparsity:.4f}"
         )
-        progressive = self.progressive
+        return event
+
+    def _check_scores_exist(self) -> None:
+        criterion = self.options.criterion
+        if criterion.needs_gradients and self.gradient_steps == 0:
+            raise RuntimeError(
+                f"criterion {criterion.name!r} needs gradients, but the pruning event at step {self.step} "
+                "came before any: score at least one backward pass first (the callback does this for "
+                "events at step 0 with the criterion's init_batches), or start pruning at step >= 1"
+            )
+        if criterion.needs_activations and self.calibration_calls == 0:
+            raise RuntimeError(
+                f"criterion {criterion.name!r} scores from layer inputs, but the pruning event at step "
+                f"{self.step} came before any calibration: run batches through the model inside "
+                "`with pruner.calibrating():` first (the callback does this for events at the start of fit)"
+            )
+
+    def _score(self) -> tuple[list[LayerGroups], list[tuple[Tensor, torch.Size]]]:
+        """Per target: its group costs for the selection, and its element scores in the standard layout."""
+        pattern, criterion = self.options.pattern, self.options.criterion
+        layers, scores = [], []
+        for target, mask, buffer in zip(self.targets, self.masks, self.buffers, strict=True):
+            score = criterion.score(buffer, target.param).masked_fill_(~mask, float("-inf"))
+            if bool(score.isnan().any()):  # a broken weight or score: prune it first, and say so
+                warn(f"lightning_prune: {target.name} has NaN scores; those weights are pruned first")
+                score.masked_fill_(score.isnan(), float("-inf"))
+            standard = target.layout.to_standard(score)  # patterns read (out, in, *kernel)
+            costs = pattern.group_costs(standard)
+            layers.append(LayerGroups(costs.flatten(), pattern.group_size(standard.shape), score.numel()))
+            scores.append((standard, costs.shape))
+        return layers, scores
+
+    def _commit(
+        self, sparsity: float, scores: list[tuple[Tensor, torch.Size]], selected: list[Tensor]
+    ) -> PruningEvent:
+        """Turn the selected groups into masks (or a fade), the same on every rank, and apply them."""
+        pattern, progressive = self.options.pattern, self.progressive
         keeps = [
             ~pattern.pruned_elements(pruned.view(group_shape), score)
             for (score, group_shape), pruned in zip(scores, selected, strict=True)
@@ -389,10 +491,11 @@ class Pruner:
                 stages.append(layout.from_standard(stage).contiguous())
         broadcast_from_rank_zero(stages)
         if stages:
-            self._fade_stages, self._fade_position, self._fade_steps = stages, 0, progressive.steps
+            assert progressive is not None and progressive.steps is not None
+            self.fade = Fade(stages, progressive.steps)
             self._advance_fade()  # the event's own step is the fade's first
         for buffer in self.buffers:
-            criterion.after_event(buffer)
+            self.options.criterion.after_event(buffer)
         self.apply_masks()
         # What the event decided; under a progressive fade the weights get there over the fade.
         counts = torch.stack([c.cpu() for c in pruned_counts]).tolist()
@@ -400,10 +503,6 @@ class Pruner:
         layer_sparsity = {t.name: c / n for t, c, n in zip(self.targets, counts, sizes, strict=True)}
         event = PruningEvent(self.step, sparsity, sum(counts) / sum(sizes), layer_sparsity)
         self.events.append(event)
-        say(
-            f"lightning_prune: event at step {self.step} done in {time.perf_counter() - started:.1f} s, "
-            f"sparsity {event.sparsity:.4f}"
-        )
         return event
 
     @torch.no_grad()
@@ -461,13 +560,8 @@ class Pruner:
             "buffers": dict(zip(names, self.buffers, strict=True)),
             "events": [asdict(e) for e in self.events],
             "gradient_steps": self.gradient_steps,
-            "fade": None
-            if self._fade_stages is None
-            else {
-                "position": self._fade_position,
-                "steps": self._fade_steps,
-                "stages": dict(zip(names, self._fade_stages, strict=True)),
-            },
+            "calibration_calls": self.calibration_calls,
+            "fade": None if self.fade is None else self.fade.state_dict(names),
         }
 
     @torch.no_grad()
@@ -494,7 +588,7 @@ class Pruner:
             current = {key: repr(value) for key, value in asdict(self.schedule).items()}
             compare_settings(saved, current, "schedule steps")
         else:
-            rank_zero_warn(
+            warn(
                 f"lightning_prune: this checkpoint's pruning state (version {state['version']}) did not "
                 "record its settings: only the targets and the pattern could be checked against this run"
             )
@@ -506,13 +600,7 @@ class Pruner:
         self.step = int(state["step"])
         self.events = [PruningEvent(**e) for e in state["events"]]
         self.gradient_steps = int(state.get("gradient_steps", 0))
+        self.calibration_calls = int(state.get("calibration_calls", 0))
         fade = state.get("fade")
-        if fade is None:
-            self._fade_stages = None
-        else:
-            self._fade_position = int(fade["position"])
-            self._fade_steps = int(fade["steps"])
-            self._fade_stages = [
-                fade["stages"][n].to(m.device) for n, m in zip(names, self.masks, strict=True)
-            ]
+        self.fade = None if fade is None else Fade.from_state(fade, names, self.masks)
         self.apply_masks()

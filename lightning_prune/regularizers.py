@@ -16,12 +16,13 @@ For the unstructured pattern each weight is its own group and this is the L1 sof
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
-from lightning_prune.patterns import NMPattern, Pattern
+from lightning_prune.patterns import Pattern
+from lightning_prune.registry import Registry, build_strategy
 from lightning_prune.value import ValueObject
 
 _TINY = 1e-12
@@ -55,7 +56,7 @@ class GroupLasso(Regularizer):
         self.coeff = float(coeff)
 
     def check_pattern(self, pattern: Pattern) -> None:
-        if isinstance(pattern, NMPattern):
+        if not pattern.removes_whole_groups:
             raise ValueError(
                 f"regularizer='group_lasso' shrinks whole groups, but pattern {str(pattern)!r} keeps N of "
                 "every M weights and removes no group whole; use it with '1x1', 'NxM' or a channel pattern"
@@ -69,7 +70,22 @@ class GroupLasso(Regularizer):
         weight.copy_(pattern.from_group_view(groups * factor.to(groups.dtype), weight.shape))
 
 
-REGULARIZERS: dict[str, type[Regularizer]] = {GroupLasso.name: GroupLasso}
+#: Regularizers by name: ``regularizer="group_lasso"`` in any config.
+REGULARIZERS: Registry[Regularizer] = Registry("regularizer")
+
+R = TypeVar("R", bound=type[Regularizer])
+
+
+def register_regularizer(cls: R) -> R:
+    """Class decorator: make ``cls`` selectable by its ``name`` from configs (its coefficient argument
+    is ``coeff``, which ``regularizer_coeff`` sets)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered")
+    REGULARIZERS.add(cls.name, cls)
+    return cls
+
+
+register_regularizer(GroupLasso)
 
 
 def parse_regularizer(spec: str | Regularizer | None, coeff: float | None) -> Regularizer | None:
@@ -87,9 +103,6 @@ def parse_regularizer(spec: str | Regularizer | None, coeff: float | None) -> Re
                 "give the coefficient to the object"
             )
         return spec
-    if isinstance(spec, str) and spec in REGULARIZERS:
-        cls = REGULARIZERS[spec]
-        return cls() if coeff is None else cls(coeff)  # type: ignore[call-arg]
-    raise ValueError(
-        f"regularizer={spec!r} is not one of {sorted(REGULARIZERS)}, null, or a Regularizer object"
-    )
+    if isinstance(spec, str) and coeff is not None:
+        return REGULARIZERS.build(spec, coeff=coeff)
+    return build_strategy(spec, Regularizer, REGULARIZERS, "regularizer")

@@ -12,16 +12,18 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 
 from lightning_prune.files import write_atomically
 from lightning_prune.layouts import STANDARD, Layout
 from lightning_prune.patterns import to_canonical
 from lightning_prune.targets import is_op_type, model_weights
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class SparsityReport:
 
     def table(self, title: str | None = "Sparsity by layer") -> Table:
         """The report as a ``rich`` table, with a total row."""
+        from rich.table import Table  # imported where it is used: rich is only needed to print
+
         show_pattern = any(layer.pattern for layer in self.layers)
         table = Table(title=title)
         table.add_column("layer")
@@ -119,6 +123,8 @@ class SparsityReport:
         return table
 
     def __str__(self) -> str:
+        from rich.console import Console
+
         console = Console(file=io.StringIO(), width=120, color_system=None)
         console.print(self.table())
         return console.file.getvalue()  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lightning_prune.checks import check_fraction, is_int
+from lightning_prune.registry import Registry
 
 SparsityCurve = Callable[[float, float, float], float]
 """``(progress in [0, 1], initial sparsity s_0, final sparsity a) -> sparsity``."""
@@ -42,13 +43,24 @@ def _agp(p: float, s0: float, a: float) -> float:
     return a + (s0 - a) * (1.0 - p) ** 3
 
 
-CURVES: dict[str, SparsityCurve] = {"exp": _exp, "cos": _cos, "linear": _linear, "cube": _cube, "agp": _agp}
+#: Sparsity curves by name: ``sparsity_curve="cos"`` in any config.
+CURVES: Registry[SparsityCurve] = Registry("sparsity_curve")
+
+
+def register_curve(name: str, curve: SparsityCurve) -> SparsityCurve:
+    """Make ``curve`` (progress, initial sparsity, target -> sparsity) selectable as ``sparsity_curve=name``."""
+    CURVES.add(name, lambda: curve)
+    return curve
+
+
+for _name, _curve in {"exp": _exp, "cos": _cos, "linear": _linear, "cube": _cube, "agp": _agp}.items():
+    register_curve(_name, _curve)
 
 
 def check_curve(curve: str) -> str:
     """Return ``curve`` if it names a known sparsity curve, else raise naming what is accepted."""
     if not isinstance(curve, str) or curve not in CURVES:
-        raise ValueError(f"sparsity_curve={curve!r} is not one of {sorted(CURVES)}")
+        raise ValueError(f"sparsity_curve={curve!r} is not one of [{CURVES.names()}]")
     return curve
 
 
@@ -152,6 +164,18 @@ def check_step_spec(key: str, value: object) -> int | float | None:
             f"{key}={value} is a float, so a fraction of the training steps; it must be in (0, 1]"
         )
     return float(value)
+
+
+def check_window(start_step: int | float | None, end_step: int | float | None) -> None:
+    """Refuse an end before the start when both are given the same way (two steps or two fractions);
+    mixed forms are compared once the run's length resolves them (:func:`resolve_schedule`)."""
+    if start_step is None or end_step is None or isinstance(start_step, int) is not isinstance(end_step, int):
+        return
+    if end_step < start_step:
+        raise ValueError(
+            f"end_step={end_step!r} is before start_step={start_step!r}; use end_step >= start_step "
+            "(equal means one-shot)"
+        )
 
 
 def is_known_length(total_steps: float) -> bool:

@@ -83,8 +83,8 @@ def check_state(
                 f"pruning state: the score buffer of {name!r} is {'absent' if saved is None else 'present'}, "
                 f"but this run's criterion keeps {'one' if buffer is not None else 'none'}"
             )
-        if saved is not None:
-            _tensor(f"the score buffer of {name!r}", saved, shape, None)
+        if saved is not None and buffer is not None:
+            _tensor(f"the score buffer of {name!r}", saved, buffer.shape, None)
     _check_events(state["events"], int(step))
     fade = state.get("fade")
     if fade is not None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
-from lightning_prune.callback import PruningCallback
 from lightning_prune.pruner import Pruner
 from lightning_prune.targets import plain_name
+
+if TYPE_CHECKING:  # the export reads a callback's pruner; it does not depend on the callback
+    from lightning_prune.callback import PruningCallback
 
 
 def strip(model: nn.Module, pruner: Pruner | PruningCallback | None = None) -> dict[str, Tensor]:
@@ -41,7 +44,7 @@ def strip(model: nn.Module, pruner: Pruner | PruningCallback | None = None) -> d
         ValueError: when an argument is of the wrong kind, the callback has not started fitting,
             the pruner prunes another model, or a pruned weight is not zero in the model.
     """
-    if isinstance(model, PruningCallback | Pruner):
+    if isinstance(model, Pruner) or (not isinstance(model, nn.Module) and hasattr(model, "pruner")):
         raise ValueError(
             f"model={type(model).__name__}: pass the network first and the callback second, "
             "strip(model, pruner=callback)"
@@ -85,10 +88,10 @@ def strip(model: nn.Module, pruner: Pruner | PruningCallback | None = None) -> d
 
 
 def _check_pruner(model: nn.Module, pruner: Pruner | PruningCallback) -> None:
-    if isinstance(pruner, PruningCallback):
+    if not isinstance(pruner, Pruner) and hasattr(pruner, "pruner"):  # a PruningCallback
         if pruner.pruner is None:
             raise ValueError(
-                "pruner=PruningCallback has not started fitting (its Pruner is built in on_fit_start); "
+                f"pruner={type(pruner).__name__} has not started fitting (its Pruner is built in on_fit_start); "
                 "strip after trainer.fit, or call strip(model) without it"
             )
         pruner = pruner.pruner
