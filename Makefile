@@ -9,7 +9,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
 LINTED = lightning_prune tests examples benchmarks tools
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 
 install:
 	@$(PYTHON) tools/install_torch.py --torch "$(TORCH)" --cpu-index "$(TORCH_INDEX)"
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The suite without the tests marked slow, ddp, subprocess or bench (pyproject.toml): under a minute.
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow and not ddp and not subprocess and not bench"
 
 lint: install
 	$(PYTHON) -m ruff check $(LINTED)

@@ -39,6 +39,7 @@ def table_rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in row] for row in rows if len(row) == 9 and row[0].strip() in ("digits", "gpt")]
 
 
+@pytest.mark.bench
 def test_quick_run_writes_table_csv_and_plot(tmp_path: Path) -> None:
     output = tmp_path / "RESULTS.md"
     other = "<!-- bench_export:start -->\nanother script's section\n<!-- bench_export:end -->\n"
@@ -123,6 +124,7 @@ def test_replace_section_keeps_the_rest() -> None:
     assert bench_quality.replace_section("head\n", "S").endswith("head\n\nS\n")
 
 
+@pytest.mark.bench
 @pytest.mark.skipif(not inc_status()[0], reason=f"INC venv missing or broken: {inc_status()[1]}")
 def test_inc_arm_runs_in_its_venv(tmp_path: Path) -> None:
     done = run_script("--quick", "--tasks", "digits", "--arms", "^inc/", "--output", str(tmp_path / "R.md"))

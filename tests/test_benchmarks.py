@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -26,6 +28,7 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+@pytest.mark.bench
 def test_bench_overhead_quick_runs(tmp_path: Path) -> None:
     bench = load_script("bench_overhead")
     output = tmp_path / "RESULTS.md"
@@ -59,6 +62,7 @@ def test_output_path_is_scratch_unless_write_results_or_output() -> None:
     assert results_file.output_path(chosen, "bench_x") == Path("elsewhere.md")
 
 
+@pytest.mark.bench
 def test_tracked_results_change_only_with_write_results(tmp_path: Path) -> None:
     """In a copy of benchmarks/: a plain run prints its section and writes the scratch copy only."""
     shutil.copytree(

@@ -37,6 +37,7 @@ class MaskWatcher(pl.Callback):
         self.checked += 1
 
 
+@pytest.mark.slow
 def test_default_callback_reaches_target_and_leaves_head_dense() -> None:
     pl.seed_everything(0)
     model = TinyModule()

@@ -30,6 +30,7 @@ def _pruning(cli: object) -> PruningCallback:
     return callback
 
 
+@pytest.mark.slow
 def test_fit_with_flags_prunes_to_the_asked_pattern(tmp_path: Path) -> None:
     flags = [
         "--trainer.logger.init_args.save_dir",
@@ -51,6 +52,7 @@ def test_fit_with_flags_prunes_to_the_asked_pattern(tmp_path: Path) -> None:
         assert (groups == 2).all(), target.name
 
 
+@pytest.mark.subprocess
 def test_print_config_feeds_back_unchanged(tmp_path: Path) -> None:
     command = [
         sys.executable,
@@ -75,6 +77,7 @@ def test_print_config_feeds_back_unchanged(tmp_path: Path) -> None:
     assert "pattern: 1xchannel" in first and "target_sparsity: 0.9" in first
 
 
+@pytest.mark.subprocess
 def test_help_shows_every_pruning_argument_with_its_docstring() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "lightning_prune", "fit", "--help"], capture_output=True, text=True, check=True
@@ -117,6 +120,7 @@ def test_console_script_is_registered() -> None:
     assert entry.load() is main
 
 
+@pytest.mark.slow
 def test_main_returns_nothing_for_the_console_script(tmp_path: Path) -> None:
     """The generated script does ``sys.exit(main())``: anything but None would be exit status 1."""
     assert (
@@ -125,6 +129,7 @@ def test_main_returns_nothing_for_the_console_script(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.subprocess
 def test_installed_console_script_and_module_exit_0_with_a_report_per_run(tmp_path: Path) -> None:
     script = Path(sysconfig.get_path("scripts")) / "lightning-prune"
     assert script.is_file(), f"{script} is missing: `pip install -e .` (make install) creates it"

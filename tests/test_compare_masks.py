@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.bench
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_masks_modelpruning.py"
 
 

@@ -512,6 +512,7 @@ def _fit(
     return model, pruning, trainer, holds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("pattern", "target"), [("4x1", 0.75), ("2:4", 0.5)])
 @pytest.mark.parametrize("criterion", ["magnitude", *GRADIENT_CRITERIA])
 def test_each_criterion_reaches_the_target_under_lightning(
@@ -536,6 +537,7 @@ def test_each_criterion_reaches_the_target_under_lightning(
         assert pruner.gradient_steps == trainer.global_step
 
 
+@pytest.mark.slow
 def test_different_criteria_give_different_masks() -> None:
     masks = {}
     for criterion in ["magnitude", *GRADIENT_CRITERIA]:
@@ -698,6 +700,7 @@ def test_gradient_accumulation_scores_the_accumulated_gradient() -> None:
         torch.testing.assert_close(buffer, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score_dtype", ["float32", "bfloat16"])
 def test_bf16_autocast_with_snip_momentum(score_dtype: str) -> None:
     criterion = SnipMomentumCriterion(score_dtype=score_dtype)
@@ -712,6 +715,7 @@ def test_bf16_autocast_with_snip_momentum(score_dtype: str) -> None:
         assert torch.isfinite(live).all() and (live > 0).any()
 
 
+@pytest.mark.slow
 def test_snip_momentum_scores_survive_a_resume(tmp_path: Path) -> None:
     straight_model, straight, _ = fit_resumable(
         tmp_path / "straight", max_epochs=4, criterion="snip_momentum"

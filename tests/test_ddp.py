@@ -24,6 +24,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+pytestmark = pytest.mark.ddp
+
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 

@@ -215,6 +215,7 @@ def test_every_documented_script_is_run() -> None:
     assert not missing, f"scripts named in the documents but run by no bash block: {missing}"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("unit", python_units(), ids=lambda unit: unit[0].id)
 def test_python_block_runs(unit: list[Block], tmp_path: Path) -> None:
     script = tmp_path / "block.py"
@@ -226,6 +227,7 @@ def test_python_block_runs(unit: list[Block], tmp_path: Path) -> None:
             assert text in done.stdout, f"{block.id}: expected {text!r} in the output:\n{done.stdout[-3000:]}"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "block", [b for b in BLOCKS if b.language == "bash" and not b.illustrative], ids=lambda b: b.id
 )

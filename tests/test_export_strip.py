@@ -101,6 +101,7 @@ def test_torch_prune_and_parametrize_become_plain_weights() -> None:
     assert float(state["0.weight"].eq(0).float().mean()) == 0.5
 
 
+@pytest.mark.slow
 def test_compiled_model_keys_lose_the_wrapper_prefix() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
     compiled = torch.compile(model)  # wrapping only: nothing is compiled until called

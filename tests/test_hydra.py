@@ -80,6 +80,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return result
 
 
+@pytest.mark.subprocess
 def test_single_run_reaches_the_asked_sparsity_and_pattern(tmp_path: Path) -> None:
     done = _run(
         [
@@ -97,6 +98,7 @@ def test_single_run_reaches_the_asked_sparsity_and_pattern(tmp_path: Path) -> No
     assert "Tip:" not in done.stdout + done.stderr, "Lightning's adverts are muted"
 
 
+@pytest.mark.subprocess
 def test_multirun_sweep_leaves_one_row_and_one_report_per_run(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     _run(

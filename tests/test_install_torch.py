@@ -123,6 +123,7 @@ def test_probe_of_a_closed_port_is_false() -> None:
         assert tool.reachable(f"http://127.0.0.1:{port}/whl/cpu") is False
 
 
+@pytest.mark.subprocess
 def test_dry_run_without_torch_names_the_case_and_the_command() -> None:
     """``python -S`` leaves site-packages off the path: the tool then sees no torch, as in a fresh venv."""
     done = subprocess.run(

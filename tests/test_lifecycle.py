@@ -27,6 +27,7 @@ from lightning_prune import Pruner, PruningCallback, PruningOptions, Schedule
 
 
 # --------------------------------------------------------------------------- 1. settings on resume
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "parts"),
     [
@@ -47,6 +48,7 @@ def test_resume_with_a_setting_that_changes_the_result_is_refused_naming_it(
         fit(tmp_path / "b", max_epochs=4, ckpt_path=tmp_path / "a" / "epoch=1.ckpt", **change)
 
 
+@pytest.mark.slow
 def test_resume_with_other_reporting_settings_is_accepted(tmp_path: Path) -> None:
     fit(tmp_path / "a", max_epochs=2)
     _, pruning, _ = fit(
@@ -55,6 +57,7 @@ def test_resume_with_other_reporting_settings_is_accepted(tmp_path: Path) -> Non
     assert pruning is not None and [e.step for e in pruning.pruner.events] == [5, 10, 15, 20, 25, 30]
 
 
+@pytest.mark.slow
 def test_resume_with_a_longer_run_keeps_the_checkpoint_window_and_says_so(
     tmp_path: Path, messages: list[str]
 ) -> None:
@@ -74,6 +77,7 @@ def test_stable_state_key_is_independent_of_the_settings() -> None:
 
 
 # --------------------------------------------------------------------------- 2. the trainer's step
+@pytest.mark.slow
 def test_callback_added_to_a_dense_checkpoint_follows_the_schedule_from_the_trainer_step(
     tmp_path: Path,
 ) -> None:
@@ -88,6 +92,7 @@ def test_callback_added_to_a_dense_checkpoint_follows_the_schedule_from_the_trai
     assert zero_fraction(pruned_weights(pruning)) == pytest.approx(0.8, abs=0.01)
 
 
+@pytest.mark.slow
 def test_second_fit_on_the_same_trainer_continues_the_pruning_state(tmp_path: Path) -> None:
     pl.seed_everything(0)
     model = TinyModule()
@@ -102,6 +107,7 @@ def test_second_fit_on_the_same_trainer_continues_the_pruning_state(tmp_path: Pa
     assert zero_fraction(pruned_weights(pruning)) == pytest.approx(0.8, abs=0.01)
 
 
+@pytest.mark.slow
 def test_reused_callback_resumes_the_second_checkpoint_into_the_new_model(tmp_path: Path) -> None:
     fit(tmp_path / "a", max_epochs=2)
     checkpoint = tmp_path / "a" / "epoch=1.ckpt"
@@ -117,6 +123,7 @@ def test_reused_callback_resumes_the_second_checkpoint_into_the_new_model(tmp_pa
     assert zero_fraction([second.net[0].weight, second.net[2].weight]) == pytest.approx(0.8, abs=0.01)
 
 
+@pytest.mark.slow
 def test_validate_from_a_checkpoint_then_fit_does_not_leak_the_checkpoint_state(tmp_path: Path) -> None:
     fit(tmp_path / "a", max_epochs=2)
     pruning = PruningCallback(**SCHEDULE, verbose=False)
@@ -162,6 +169,7 @@ class MaskHolds(pl.Callback):
         )
 
 
+@pytest.mark.slow
 def test_masks_hold_on_layers_a_finetuning_callback_adds_to_the_optimizer_later() -> None:
     pl.seed_everything(0)
     pruning = PruningCallback(target_sparsity=0.6, pattern="1x1", start_step=0, end_step=0, verbose=False)

@@ -219,6 +219,7 @@ def test_a_head_tied_to_the_embedding_stays_dense_and_says_why() -> None:
     assert not (model.transformer.wte.weight == 0).any()
 
 
+@pytest.mark.slow
 def test_a_tied_weight_is_one_target_counted_once_and_its_masks_hold() -> None:
     model = gpt2()
     options = PruningOptions(
@@ -323,6 +324,7 @@ def _fit_gpt2(folder: Path, max_epochs: int, ckpt_path: Path | None = None) -> C
     return module
 
 
+@pytest.mark.slow
 def test_gpt2_resume_is_exact(tmp_path: Path) -> None:
     straight = _fit_gpt2(tmp_path / "straight", max_epochs=3)
     _fit_gpt2(tmp_path / "stopped", max_epochs=1)

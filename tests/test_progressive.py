@@ -394,6 +394,7 @@ class ZeroWatcher(pl.Callback):
         self.sets[self.pruning.pruner.step] = [w == 0 for w in weights]
 
 
+@pytest.mark.slow
 def test_callback_two_four_progressive_ends_exactly_two_of_four() -> None:
     pl.seed_everything(0)
     model = TinyModule()
@@ -433,6 +434,7 @@ def test_callback_two_four_progressive_ends_exactly_two_of_four() -> None:
 FADE = {"end_step": 24, "frequency": 8, "progressive": Progressive(steps=4)}
 
 
+@pytest.mark.slow
 def test_resume_from_mid_fade_checkpoint_matches_uninterrupted_run(tmp_path: Path) -> None:
     straight_model, straight, _ = fit_resumable(tmp_path / "straight", max_epochs=3, **FADE)
     # 10 batches per epoch; events at 8, 16, 24 with a 4-step fade: step 10 is the fade's 3rd step.

@@ -316,6 +316,7 @@ class ProxOracle(pl.Callback):
         self.checked.append(step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("coeff", [0.05, None])
 def test_callback_regularizes_up_to_end_step_with_the_current_lr(coeff: float | None) -> None:
     pl.seed_everything(0)

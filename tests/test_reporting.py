@@ -43,6 +43,7 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
+@pytest.mark.slow
 def test_curve_csv_pairs_each_validation_with_the_sparsity_then(tmp_path: Path) -> None:
     callback, trainer = digits_run(tmp_path)
     columns, rows = read_csv(tmp_path / "pruning" / "curve.csv")
@@ -70,6 +71,7 @@ def test_curve_csv_pairs_each_validation_with_the_sparsity_then(tmp_path: Path) 
     assert sparsities == sorted(sparsities) and sparsities[-1] == pytest.approx(0.6, abs=0.02)
 
 
+@pytest.mark.slow
 def test_layers_csv_counts_zeros_of_every_layer(tmp_path: Path) -> None:
     _, trainer = digits_run(tmp_path)
     columns, rows = read_csv(tmp_path / "pruning" / "layers.csv")
@@ -84,6 +86,7 @@ def test_layers_csv_counts_zeros_of_every_layer(tmp_path: Path) -> None:
     assert [r["pattern"] for r in rows] == ["4x1", "4x1", "dense: the head (skip_last_layer)"]
 
 
+@pytest.mark.slow
 def test_curve_png_is_a_real_image_of_the_documented_size(tmp_path: Path) -> None:
     digits_run(tmp_path)
     image = imread(tmp_path / "pruning" / "curve.png")
@@ -95,6 +98,7 @@ def test_curve_png_is_a_real_image_of_the_documented_size(tmp_path: Path) -> Non
     assert len(np.unique((pixels * 255).astype(np.uint8), axis=0)) > 50  # lines, text, colour map
 
 
+@pytest.mark.slow
 def test_monitor_selects_metrics_and_save_report_false_writes_nothing(tmp_path: Path) -> None:
     callback, _ = digits_run(tmp_path, monitor=["val_acc", "train_loss"], save_report=False)
     assert not (tmp_path / "pruning").exists()
@@ -120,6 +124,7 @@ def test_bad_monitor_is_refused_at_construction(monitor: object) -> None:
         PruningCallback(monitor=monitor)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_scalars_and_the_figure(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -141,6 +146,7 @@ def test_tensorboard_holds_the_scalars_and_the_figure(tmp_path: Path) -> None:
     assert (Path(logger.log_dir) / "pruning" / "curve.png").is_file()
 
 
+@pytest.mark.slow
 def test_csv_logger_gets_sparsity_at_events_and_validations(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="csv")
     digits_run(tmp_path, loggers=[logger])
@@ -149,6 +155,7 @@ def test_csv_logger_gets_sparsity_at_events_and_validations(tmp_path: Path) -> N
     assert {4, 6, 8, 10, 12, 18, 24} <= steps  # events and later validations
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_earlier_history(tmp_path: Path) -> None:
     first = PruningCallback(**PRUNING)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -173,6 +180,7 @@ def test_resume_keeps_the_earlier_history(tmp_path: Path) -> None:
     assert len(rows) == len(second.history.rows)
 
 
+@pytest.mark.slow
 def test_a_second_fit_without_a_checkpoint_starts_a_new_history(tmp_path: Path) -> None:
     callback = PruningCallback(**PRUNING)
     for _ in range(2):

@@ -11,6 +11,7 @@ from helpers import SCHEDULE, TinyModule, fit_resumable, make_trainer, pruning_s
 from lightning_prune import PruningCallback
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_run(tmp_path: Path) -> None:
     straight_model, straight, _ = fit_resumable(tmp_path / "straight", max_epochs=4)
     # Stop after 2 epochs = step 20: events 5..20 done, 25 and 30 still to come.
@@ -33,6 +34,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_resume_restores_masks_that_weights_alone_cannot_tell(tmp_path: Path) -> None:
     fit_resumable(tmp_path / "stopped", max_epochs=2)
     pruning = PruningCallback(**SCHEDULE, verbose=False)

@@ -83,6 +83,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=layer_sets(), scope=st.sampled_from(["global", "local"]))
 def test_same_choice_as_the_sort_based_reference(
@@ -122,6 +123,7 @@ def test_ties_across_layers_go_to_the_first_layer_then_position() -> None:
     assert got[1].tolist() == [False, False, True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_large_inputs_stay_exact(kind: str, sparsity: float) -> None:
@@ -173,6 +175,7 @@ def test_a_misleading_bracket_costs_time_not_exactness(
     assert all(torch.equal(f, r) for f, r in zip(fast, reference, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("dtype", "most_rounds"), [(torch.float32, 3), (torch.float64, 6)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_radix_select_over_all_costs_takes_bounded_rounds(
@@ -225,6 +228,7 @@ def work_of(kind: str, sparsity: float, count: int = 1 << 19) -> Work:
 CASES = [(k, s) for k in [*KINDS, "pruned"] for s in (0.5, 0.9)] + [("pruned", 0.6), ("nonfinite", 0.95)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "sparsity"), CASES)
 def test_work_is_a_few_passes_whatever_the_costs(kind: str, sparsity: float) -> None:
     count = 1 << 19
@@ -235,6 +239,7 @@ def test_work_is_a_few_passes_whatever_the_costs(kind: str, sparsity: float) -> 
     assert work.largest_sort <= count // 16
 
 
+@pytest.mark.slow
 def test_ties_cost_about_what_distinct_costs_cost() -> None:
     distinct = work_of("distinct", 0.9).elements
     for kind, sparsity in [("zeros", 0.5), ("equal", 0.9), ("few", 0.5), ("pruned", 0.6)]:
@@ -254,6 +259,7 @@ def stable_argsort_reference(
     return costs, pattern.from_group_view(pruned, scores.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m", range(2, 17))
 def test_sorting_network_sorts_every_zero_one_input(m: int) -> None:
     # The 0-1 principle: a comparator network that sorts every 0/1 input sorts every input.
@@ -280,6 +286,7 @@ def nm_cases(draw: st.DrawFn) -> tuple[NMPattern, Tensor, Tensor]:
     return pattern, scores, pruned_groups
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [NM_BLOCK, 5], ids=["one-block", "many-blocks"])
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=nm_cases())

@@ -236,6 +236,7 @@ def compiled_run() -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 def test_compiled_targets_have_plain_names_and_regexes_select_on_them(compiled_run: dict[str, Any]) -> None:
     pruning, model = compiled_run["pruning"], compiled_run["model"]
     # net.6 is the head; net.2 is excluded by a regex written against the plain name.
@@ -247,6 +248,7 @@ def test_compiled_targets_have_plain_names_and_regexes_select_on_them(compiled_r
     assert not (inner[6].weight == 0).any(), "the head was pruned"
 
 
+@pytest.mark.slow
 def test_compiled_module_reaches_target_with_masks_held_every_step(compiled_run: dict[str, Any]) -> None:
     pruning, watcher, model = compiled_run["pruning"], compiled_run["watcher"], compiled_run["model"]
     assert [e.step for e in pruning.pruner.events] == [2, 4, 6, 8]
@@ -259,6 +261,7 @@ def test_compiled_module_reaches_target_with_masks_held_every_step(compiled_run:
     torch.testing.assert_close(compiled_run["compiled_out"], compiled_run["eager_out"])
 
 
+@pytest.mark.slow
 def test_compiled_module_keeps_state_dict_keys_and_compiles_once(compiled_run: dict[str, Any]) -> None:
     model, watcher = compiled_run["model"], compiled_run["watcher"]
     assert list(model.state_dict()) == compiled_run["keys_before"]
@@ -271,6 +274,7 @@ def test_compiled_module_keeps_state_dict_keys_and_compiles_once(compiled_run: d
     assert compiled_run["stats"] == {"unique_graphs": 1, "frames": 1}
 
 
+@pytest.mark.slow
 def test_regex_against_orig_mod_names_is_refused_with_plain_candidates() -> None:
     reason = compile_unavailable()
     if reason is not None:

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.subprocess
+
 SCRIPT = str(Path(__file__).parent / "user_cli_script.py")
 TRAINER = [
     "--trainer.max_epochs",

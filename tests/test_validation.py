@@ -314,6 +314,7 @@ def test_fit_rejects_a_pattern_no_selected_layer_can_tile() -> None:
         )
 
 
+@pytest.mark.slow
 def test_fit_warns_and_skips_layers_a_pattern_cannot_tile_and_trains() -> None:
     # The CNN's first conv has 1 input channel, which 2:4 cannot group; the other layers can.
     callback = PruningCallback(pattern="2:4", target_sparsity=0.5, verbose=False)
@@ -331,6 +332,7 @@ def test_fit_warns_and_skips_layers_a_pattern_cannot_tile_and_trains() -> None:
     assert not torch.equal(model.net[0].weight, first_conv), "the skipped layer still trains"
 
 
+@pytest.mark.slow
 def test_end_step_beyond_the_run_warns_and_trains() -> None:
     # The library's contract: an end after the last step is allowed (a resumed run may reach it) and
     # warned about, naming end_step, its step and the run's length.
