@@ -381,12 +381,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline-limit", type=float, default=30.0, help="seconds after which a baseline pair runs once"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--write-results", action="store_true", help="write the table into --output")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "RESULTS.md")
     parser.add_argument("--size", type=float, help=argparse.SUPPRESS)  # internal: run one size, print JSON
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rounds = 1 if args.quick else args.rounds
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.size:
         result = run_size(
             int(args.size), device, rounds, args.patterns, args.dists, args.baseline, args.baseline_limit
@@ -394,9 +397,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     sizes = args.sizes or ([1e5] if args.quick else [1e6, 1e7, 1e8] + ([1e9] if device == "cuda" else []))
+    load_start = os.getloadavg()
     rows = []
     for size in sizes:
         command = [sys.executable, __file__, "--size", str(size), "--rounds", str(rounds)]
+        command += ["--threads", str(args.threads)] if args.threads else []
         command += ["--patterns", *args.patterns, "--dists", *args.dists]
         if args.baseline:
             command += ["--baseline", args.baseline, "--baseline-limit", str(args.baseline_limit)]
@@ -424,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         "round in a rotated order. *vs distinct* and *vs 1x1*: per-round ratios to the same pattern's "
         "all-distinct event and to the same distribution's `1x1` event (medians). *Memory passes*: event time "
         f"over one float32 `copy_` of as many values as weights, timed in the same rounds ({copy_note}). "
+        f"Load average (1 min) at start / end: {load_start[0]:.2f} / {os.getloadavg()[0]:.2f} "
+        f"on {os.cpu_count()} cores (above the core count, other processes shared the CPUs). "
         "*Extra B/weight*: peak memory the event added (scores, costs, masks it builds, temporaries), "
         "largest over rounds.",
         "",
