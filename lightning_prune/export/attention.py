@@ -60,7 +60,6 @@ class SlimMultiheadAttention(nn.Module):
             raise ValueError(
                 f"kept_heads={kept_heads!r} must be ascending, distinct and below original_heads={original_heads}"
             )
-        factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = embed_dim if kdim is None else kdim
         self.vdim = embed_dim if vdim is None else vdim
@@ -72,21 +71,22 @@ class SlimMultiheadAttention(nn.Module):
         inner = self.num_heads * head_dim
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         if self._qkv_same_embed_dim:
-            self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim, **factory))
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim, device=device, dtype=dtype))
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
             self.register_parameter("v_proj_weight", None)
         else:
             self.register_parameter("in_proj_weight", None)
-            self.q_proj_weight = nn.Parameter(torch.empty(inner, embed_dim, **factory))
-            self.k_proj_weight = nn.Parameter(torch.empty(inner, self.kdim, **factory))
-            self.v_proj_weight = nn.Parameter(torch.empty(inner, self.vdim, **factory))
+            self.q_proj_weight = nn.Parameter(torch.empty(inner, embed_dim, device=device, dtype=dtype))
+            self.k_proj_weight = nn.Parameter(torch.empty(inner, self.kdim, device=device, dtype=dtype))
+            self.v_proj_weight = nn.Parameter(torch.empty(inner, self.vdim, device=device, dtype=dtype))
         if in_bias:
-            self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner, **factory))
+            self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner, device=device, dtype=dtype))
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.Linear(inner, embed_dim, bias=out_bias, **factory)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=out_bias, device=device, dtype=dtype)
         self.register_buffer("kept_heads", torch.tensor(kept_heads, dtype=torch.long, device=device))
+        self.kept_heads: Tensor
         for weight in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
             if weight is not None:
                 nn.init.xavier_uniform_(weight)
@@ -97,8 +97,9 @@ class SlimMultiheadAttention(nn.Module):
 
     def _projections(self) -> tuple[Tensor, Tensor, Tensor]:
         if self.in_proj_weight is not None:
-            return self.in_proj_weight.chunk(3)  # type: ignore[return-value]
-        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight  # type: ignore[return-value]
+            q, k, v = self.in_proj_weight.chunk(3)
+            return q, k, v
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     def _mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
         """A bool (``True`` = not allowed) or float mask as an additive float mask."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import TypeAlias, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ NORMS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: nn.BatchNorm2d,
     nn.Conv3d: nn.BatchNorm3d,
 }
+#: The types in LINEAR, CONVS and NORMS, for annotations.
+Layer: TypeAlias = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+Norm: TypeAlias = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
 
 #: Activation and dropout modules that act on every element alone (exact types: a subclass may not).
 ELEMENTWISE_MODULES: frozenset[type[nn.Module]] = frozenset(
@@ -112,6 +116,32 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, SlimMultiheadAttention) or super().is_leaf_module(m, module_qualified_name)
+
+
+def is_layer(module: nn.Module) -> TypeGuard[Layer]:
+    """Whether ``module`` is exactly one of :data:`LINEAR` or :data:`CONVS` (a subclass's forward may differ)."""
+    return type(module) in (*LINEAR, *CONVS)
+
+
+def is_norm(module: nn.Module) -> TypeGuard[Norm]:
+    """Whether ``module`` is exactly one of the BatchNormNd in :data:`NORMS`."""
+    return type(module) in NORMS.values()
+
+
+def layer_at(root: nn.Module, name: str) -> Layer:
+    """The submodule ``name`` of ``root``, which must be a Linear or ConvNd."""
+    module = root.get_submodule(name)
+    if not isinstance(module, Layer):
+        raise TypeError(f"{name} is a {type(module).__name__}, not a Linear or ConvNd")
+    return module
+
+
+def norm_at(root: nn.Module, name: str) -> Norm:
+    """The submodule ``name`` of ``root``, which must be a BatchNormNd."""
+    module = root.get_submodule(name)
+    if not isinstance(module, Norm):
+        raise TypeError(f"{name} is a {type(module).__name__}, not a BatchNormNd")
+    return module
 
 
 def trace(model: nn.Module) -> fx.Graph:
@@ -277,7 +307,7 @@ def _gather(
 ) -> Chain | str:
     """The chain that ends in ``consumer``, found by walking its input back to the producers; or why none."""
     name = str(consumer.target)
-    layer = root.get_submodule(name)
+    layer = layer_at(root, name)
     kind = "linear" if type(layer) in LINEAR else "conv"
     reason = _module_reason(root, name, calls, shared)
     if reason is not None:
@@ -327,7 +357,7 @@ def _gather(
         return reason
     hidden = layer.weight.shape[1]
     producers = [str(n.target) for n in sorted(producer_nodes, key=order.__getitem__)]
-    sizes = {p: root.get_submodule(p).weight.shape[0] for p in producers}
+    sizes = {p: layer_at(root, p).weight.shape[0] for p in producers}
     if any(size != hidden for size in sizes.values()):
         return f"its producers' output sizes {sizes} differ from its input size {hidden}"
     return Chain(

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.export.attention import SlimMultiheadAttention
-from lightning_prune.export.chains import CONVS, LINEAR, NORMS
-from lightning_prune.export.resize import empty_layer, replace_module, resized_norm
+from lightning_prune.export.chains import is_layer, is_norm
+from lightning_prune.export.resize import empty_layer, param, replace_module, resized_norm
 
 
 def load_slim_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
@@ -57,18 +57,18 @@ def _fit(module: nn.Module, prefix: str, state: dict[str, Tensor]) -> nn.Module 
             in_bias=f"{prefix}in_proj_bias" in state, out_bias=out_bias, dropout=module.dropout,
             batch_first=module.batch_first, device=weight.device, dtype=weight.dtype,
         )  # fmt: skip
-    if type(module) in (*LINEAR, *CONVS) and f"{prefix}weight" in state:
+    if is_layer(module) and f"{prefix}weight" in state:
         weight = state[f"{prefix}weight"]
         has_bias = f"{prefix}bias" in state
         if weight.shape == module.weight.shape and has_bias == (module.bias is not None):
             return None
         with torch.no_grad():
             return empty_layer(module, weight, has_bias)
-    if type(module) in NORMS.values() and f"{prefix}running_mean" in state:
+    if is_norm(module) and f"{prefix}running_mean" in state:
         size = state[f"{prefix}running_mean"].shape[0]
         if size == module.num_features:
             return None
-        index = torch.zeros(size, dtype=torch.long, device=module.running_mean.device)
+        index = torch.zeros(size, dtype=torch.long, device=param(module, "running_mean").device)
         with torch.no_grad():
             return resized_norm(module, index)
     return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.export.chains import Layer, Norm
+
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule ``name`` of ``root`` is."""
@@ -12,9 +14,17 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 
 
+def param(module: nn.Module, name: str) -> Tensor:
+    """``module``'s parameter or buffer ``name``, which must be a tensor (not ``None``)."""
+    value = getattr(module, name)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is {type(value).__name__}, not a tensor")
+    return value
+
+
 def resized_layer(
-    layer: nn.Module, out_index: Tensor | None, in_index: Tensor | None, extra_bias: Tensor | None
-) -> nn.Module:
+    layer: Layer, out_index: Tensor | None, in_index: Tensor | None, extra_bias: Tensor | None
+) -> Layer:
     """A new Linear/ConvNd holding the selected output rows and input columns of ``layer``."""
     weight = layer.weight.detach()
     bias = None if layer.bias is None else layer.bias.detach()
@@ -26,25 +36,10 @@ def resized_layer(
     if extra_bias is not None:
         base = torch.zeros_like(extra_bias) if bias is None else bias.double()
         bias = (base + extra_bias).to(weight.dtype)
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    if isinstance(layer, nn.Linear):
-        new: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **factory)
-    else:
-        new = type(layer)(
-            weight.shape[1],
-            weight.shape[0],
-            kernel_size=layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=1,
-            bias=bias is not None,
-            padding_mode=layer.padding_mode,
-            **factory,
-        )
+    new = empty_layer(layer, weight, bias is not None)
     new.weight.copy_(weight)
     new.weight.requires_grad_(layer.weight.requires_grad)
-    if bias is not None:
+    if bias is not None and new.bias is not None:  # new has a bias exactly when bias is set
         new.bias.copy_(bias)
         new.bias.requires_grad_(
             layer.weight.requires_grad if layer.bias is None else layer.bias.requires_grad
@@ -52,16 +47,17 @@ def resized_layer(
     return new.train(layer.training)
 
 
-def resized_norm(norm: nn.Module, index: Tensor) -> nn.Module:
+def resized_norm(norm: Norm, index: Tensor) -> Norm:
     """A new BatchNormNd holding the selected channels of ``norm``."""
+    running_mean = param(norm, "running_mean")
     new = type(norm)(
         len(index),
         eps=norm.eps,
         momentum=norm.momentum,
         affine=norm.affine,
         track_running_stats=norm.track_running_stats,
-        device=norm.running_mean.device,
-        dtype=norm.running_mean.dtype,
+        device=running_mean.device,
+        dtype=running_mean.dtype,
     )
     for attr in ("weight", "bias", "running_mean", "running_var"):
         old = getattr(norm, attr)
@@ -69,18 +65,20 @@ def resized_norm(norm: nn.Module, index: Tensor) -> nn.Module:
             getattr(new, attr).copy_(old.detach().index_select(0, index))
             if isinstance(old, nn.Parameter):
                 getattr(new, attr).requires_grad_(old.requires_grad)
-    if norm.num_batches_tracked is not None:
+    if norm.num_batches_tracked is not None and new.num_batches_tracked is not None:
         new.num_batches_tracked.copy_(norm.num_batches_tracked)
     return new.train(norm.training)
 
 
-def empty_layer(module: nn.Module, weight: Tensor, has_bias: bool) -> nn.Module:
+def empty_layer(module: Layer, weight: Tensor, has_bias: bool) -> Layer:
     """A layer like ``module`` with ``weight``'s shape (values are loaded afterwards)."""
     out_size, in_size = weight.shape[0], weight.shape[1]
-    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    device, dtype = module.weight.device, module.weight.dtype
     if isinstance(module, nn.Linear):
-        return nn.Linear(in_size, out_size, bias=has_bias, **factory)
+        return nn.Linear(in_size, out_size, bias=has_bias, device=device, dtype=dtype)
+    # torch annotates _ConvNd.kernel_size, stride, padding and dilation as tuple[int, ...] but ConvNd's
+    # constructor as N-tuples; values read from a module of the same class are N-tuples.
     return type(module)(
-        in_size, out_size, kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
-        dilation=module.dilation, groups=1, bias=has_bias, padding_mode=module.padding_mode, **factory,
+        in_size, out_size, groups=1, bias=has_bias, padding_mode=module.padding_mode, device=device, dtype=dtype,
+        kernel_size=module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,  # type: ignore[arg-type]
     )  # fmt: skip

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.export.resize import param
 from lightning_prune.layouts import prunable_weights
+
+if TYPE_CHECKING:
+    from torch.sparse import SparseSemiStructuredTensor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "cusparselt", "cutlass")
@@ -66,7 +71,7 @@ class SemiStructuredResult:
         return "\n".join(lines)
 
 
-def _backend_class(backend: str) -> type:
+def _backend_class(backend: str) -> type[SparseSemiStructuredTensor]:
     if backend == "cutlass":
         return torch.sparse.SparseSemiStructuredTensorCUTLASS
     return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
@@ -146,7 +151,7 @@ def to_semi_structured(
     with torch.no_grad():
         for name in planned:
             layer = target.get_submodule(name)
-            sparse = sparse_class.from_dense(layer.weight.detach().contiguous())
+            sparse = sparse_class.from_dense(param(layer, "weight").detach().contiguous())
             layer.weight = nn.Parameter(sparse, requires_grad=False)
     return SemiStructuredResult(target, planned, skipped, resolved)
 
@@ -204,7 +209,7 @@ def _other_layer(name: str, module: nn.Module) -> dict[str, str]:
 
 
 def _check_device(model: nn.Module, planned: list[str], backend: str) -> None:
-    devices = {model.get_submodule(name).weight.device for name in planned}
+    devices = {param(model.get_submodule(name), "weight").device for name in planned}
     off_gpu = sorted(str(d) for d in devices if d.type != "cuda")
     if off_gpu:
         available = "available" if torch.cuda.is_available() else "not available in this process"

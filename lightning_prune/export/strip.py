@@ -69,7 +69,7 @@ def strip(model: nn.Module, pruner: Pruner | PruningCallback | None = None) -> d
                 replace[f"{prefix}{tensor}_orig"] = (f"{prefix}{tensor}", mask.to(original.dtype) * original)
                 drop.add(f"{prefix}{tensor}_mask")
         if parametrize.is_parametrized(module):
-            for tensor in module.parametrizations:  # type: ignore[union-attr]
+            for tensor in module.parametrizations:
                 group = f"{prefix}parametrizations.{tensor}."
                 keys = [k for k in state if k.startswith(group)]
                 if keys:
