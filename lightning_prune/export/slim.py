@@ -34,7 +34,10 @@ from lightning_prune.export.chains import (
     ZERO_PRODUCT_OPS,
     Chain,
     GraphFindings,
+    Layer,
     find_chains,
+    layer_at,
+    norm_at,
     tensor_inputs,
     trace,
 )
@@ -241,9 +244,7 @@ def _round_keep(keep: Tensor, score: Tensor, round_to: int, width: int = 1) -> T
     return keep
 
 
-def _constants(
-    root: nn.Module, chain: Chain, producers: list[nn.Module], hidden: int
-) -> tuple[Tensor, Tensor]:
+def _constants(root: nn.Module, chain: Chain, producers: list[Layer], hidden: int) -> tuple[Tensor, Tensor]:
     """``(known, value)`` per hidden unit at the consumer's input: units that are the same for every input.
 
     A producer unit with an all-zero row/filter emits its bias. The chain's own ops are then run on
@@ -280,7 +281,7 @@ def _constants(
     return known[last], value[last].reshape(hidden)
 
 
-def _constant_input_is_exact(layer: nn.Module) -> bool:
+def _constant_input_is_exact(layer: Layer) -> bool:
     """Whether a constant input channel of ``layer`` adds the same amount at every output position."""
     if isinstance(layer, nn.Linear):
         return True
@@ -294,9 +295,9 @@ def _constant_input_is_exact(layer: nn.Module) -> bool:
 
 
 def _shrink_chain(root: nn.Module, chain: Chain, round_to: int) -> SlimmedChain:
-    producers = [root.get_submodule(n) for n in chain.producers]
-    consumer = root.get_submodule(chain.consumer)
-    norms = [root.get_submodule(n) for n in chain.norms]
+    producers = [layer_at(root, n) for n in chain.producers]
+    consumer = layer_at(root, chain.consumer)
+    norms = [norm_at(root, n) for n in chain.norms]
     layers = (*chain.producers, *chain.norms, chain.consumer)
     params_before = sum(_count(root.get_submodule(n).parameters()) for n in layers)
     w2 = consumer.weight.detach()
