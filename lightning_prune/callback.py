@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig
 from torch.optim import Optimizer
 
@@ -423,8 +423,8 @@ class PruningCallback(Callback):
             )
         # At the sanity check no training metric is logged yet, so only a near-miss of a logged
         # name is surely a typo; anything else has to wait for the first real validation.
-        typos = {name: get_close_matches(name, list(available), n=1, cutoff=TYPO_CUTOFF) for name in missing}
-        typos = {name: close[0] for name, close in typos.items() if close}
+        close = {name: get_close_matches(name, list(available), n=1, cutoff=TYPO_CUTOFF) for name in missing}
+        typos = {name: matches[0] for name, matches in close.items() if matches}
         if typos:
             guesses = ", ".join(f"{name!r}: did you mean {close!r}" for name, close in typos.items())
             raise ValueError(

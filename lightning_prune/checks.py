@@ -19,10 +19,10 @@ def check_int(key: str, value: object, *, minimum: int, none_means: str | None =
     """Return ``value`` as an ``int >= minimum`` (or ``None`` where ``none_means`` says what it means)."""
     if value is None and none_means is not None:
         return None
-    if not is_int(value) or int(value) < minimum:  # type: ignore[call-overload]
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or int(value) < minimum:
         accepted = f"an int >= {minimum}" + (f" or null ({none_means})" if none_means is not None else "")
         raise ValueError(f"{key}={value!r} must be {accepted}")
-    return int(value)  # type: ignore[call-overload]
+    return int(value)
 
 
 def check_fraction(key: str, value: object, *, upper_inclusive: bool) -> float:

@@ -64,6 +64,7 @@ def config_to_kwargs(config: PruningConfig | Mapping[str, Any] | DictConfig) -> 
     Raises:
         ValueError: on unknown keys (all named) or a value of the wrong type (key and value named).
     """
+    data: Any
     if isinstance(config, DictConfig):
         data = OmegaConf.to_container(config, resolve=True)
     elif is_dataclass(config) and not isinstance(config, type):
@@ -86,7 +87,8 @@ def config_to_kwargs(config: PruningConfig | Mapping[str, Any] | DictConfig) -> 
         raise ValueError(
             f"pruning config: {error}".splitlines()[0] + f" ({error.full_key}={error.value!r})"
         ) from error
-    kwargs = OmegaConf.to_container(typed)
-    assert isinstance(kwargs, dict)
-    kwargs.update({k: v for k, v in data.items() if k not in plain})
+    container: Any = OmegaConf.to_container(typed)
+    assert isinstance(container, dict)
+    kwargs: dict[str, Any] = {str(k): v for k, v in container.items()}
+    kwargs.update({str(k): v for k, v in data.items() if k not in plain})
     return kwargs

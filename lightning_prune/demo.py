@@ -46,12 +46,12 @@ class DigitsDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         assert self.train_set is not None
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         assert self.val_set is not None
         return DataLoader(self.val_set, batch_size=256)
 
@@ -99,7 +99,8 @@ class DigitsClassifier(pl.LightningModule):
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        out: Tensor = self.net(x)
+        return out
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

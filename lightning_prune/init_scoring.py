@@ -6,6 +6,8 @@ checkpoint without pruning state past the schedule's start.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
@@ -47,9 +49,9 @@ def score_at_init(trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Pr
                 ) from None
             batch = trainer.strategy.batch_to_device(batch)
             output = trainer.strategy.training_step(batch, index)
-            loss = output["loss"] if isinstance(output, dict) else output
-            if not backward or loss is None:
+            loss = output["loss"] if isinstance(output, Mapping) else output
+            if not backward or not isinstance(loss, torch.Tensor):
                 continue
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward has no annotations
             pruner.accumulate_scores()
             pl_module.zero_grad(set_to_none=True)

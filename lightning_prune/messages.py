@@ -6,7 +6,7 @@ Lightning users already look (its logger's handler, ``warnings``) and a DDP run 
 
 from __future__ import annotations
 
-from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.fabric.utilities import rank_zero_info, rank_zero_warn
 
 
 def info(message: str) -> None:

@@ -102,5 +102,5 @@ def figure_png(figure: Figure) -> bytes:
 def figure_rgb(figure: Figure) -> np.ndarray:
     """The figure rendered to an ``(H, W, 3)`` uint8 array (what TensorBoard's ``add_image`` takes)."""
     canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    canvas.draw()  # type: ignore[no-untyped-call]  # matplotlib's Agg canvas has no annotations
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # type: ignore[no-untyped-call]

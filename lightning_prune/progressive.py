@@ -111,6 +111,7 @@ def plan_fade(
     key = key.masked_fill(~newly, float("inf"))
     rank = key.argsort(dim=-1, stable=True).argsort(dim=-1)
     count = newly.sum(dim=-1, keepdim=True).clamp_min(1)
+    assert progressive.steps is not None, "resolve_steps() first"
     stage = (rank * progressive.steps).div(count, rounding_mode="floor") + 1
     stage = pattern.from_group_view(stage.masked_fill(~newly, 0), old_keep.shape).to(torch.uint8)
     return stage.masked_fill_(new_keep, KEEP)

@@ -53,7 +53,7 @@ def broadcast_from_rank_zero(tensors: list[Tensor]) -> None:
         return
     flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
     dist.broadcast(flat, src=0)
-    for tensor, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+    for tensor, chunk in zip(tensors, torch.split(flat, [t.numel() for t in tensors]), strict=True):
         tensor.copy_(chunk.view(tensor.dtype).view(tensor.shape))
 
 
@@ -165,9 +165,10 @@ class Pruner:
             progressive = resolve_steps(progressive, None if schedule.one_shot else schedule.frequency)
         #: The fade settings in force, with the default length resolved against the schedule.
         self.progressive = progressive
-        if progressive is not None and not schedule.one_shot and progressive.steps > schedule.frequency:
+        steps = None if progressive is None else progressive.steps
+        if steps is not None and not schedule.one_shot and steps > schedule.frequency:
             raise ValueError(
-                f"progressive steps={progressive.steps} is more than frequency={schedule.frequency}: a fade "
+                f"progressive steps={steps} is more than frequency={schedule.frequency}: a fade "
                 "must end before the next event; lower the steps or raise the frequency"
             )
         #: A progressive fade under way, or ``None``.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -90,15 +90,22 @@ class Registry(Generic[T]):
         for regex, factory, _ in self._families:
             match = regex.fullmatch(text)
             if match is not None:
-                return lambda factory=factory, match=match, **options: factory(match, **options)  # type: ignore[misc]
+                return _bound(factory, match)
         return None
+
+
+def _bound(factory: Callable[..., T], match: re.Match[str]) -> Callable[..., T]:
+    def build(**options: Any) -> T:
+        return factory(match, **options)
+
+    return build
 
 
 #: The key a config uses to name a class by its import path, as Hydra does.
 TARGET_KEY = "_target_"
 
 
-def build_strategy(spec: object, base: type[T], registry: Registry[T], key: str) -> T:
+def build_strategy(spec: object, base: type[Any], registry: Registry[T], key: str) -> T:
     """One strategy object from any config form.
 
     ``spec`` may be an instance of ``base`` (passed through), a registered name (``"snip_momentum"``),
@@ -109,7 +116,7 @@ def build_strategy(spec: object, base: type[T], registry: Registry[T], key: str)
         ValueError: naming ``key``, the value and what is accepted.
     """
     if isinstance(spec, base):
-        return spec
+        return cast(T, spec)
     if isinstance(spec, str):
         return registry.build(spec)
     if isinstance(spec, Mapping):
@@ -119,7 +126,7 @@ def build_strategy(spec: object, base: type[T], registry: Registry[T], key: str)
             if not (isinstance(cls, type) and issubclass(cls, base)):
                 raise ValueError(f"{key}: {TARGET_KEY}={spec[TARGET_KEY]!r} is not a {base.__name__} class")
             try:
-                return cls(**options)
+                return cast(T, cls(**options))
             except TypeError as error:
                 raise ValueError(f"{key}: {cls.__name__} does not take {options}: {error}") from error
         if "name" in options:

@@ -88,7 +88,7 @@ def register_regularizer(cls: R) -> R:
 register_regularizer(GroupLasso)
 
 
-def parse_regularizer(spec: str | Regularizer | None, coeff: float | None) -> Regularizer | None:
+def parse_regularizer(spec: object, coeff: float | None) -> Regularizer | None:
     """Turn ``regularizer``/``regularizer_coeff`` from a config into a :class:`Regularizer` or ``None``."""
     if spec is None:
         if coeff is not None:

@@ -125,9 +125,9 @@ class SparsityReport:
     def __str__(self) -> str:
         from rich.console import Console
 
-        console = Console(file=io.StringIO(), width=120, color_system=None)
-        console.print(self.table())
-        return console.file.getvalue()  # type: ignore[attr-defined]
+        text = io.StringIO()
+        Console(file=text, width=120, color_system=None).print(self.table())
+        return text.getvalue()
 
     def to_csv(self, path: str) -> None:
         """Write one row per layer (every field; shape as ``AxB``) to ``path``, atomically."""

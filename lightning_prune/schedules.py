@@ -22,7 +22,7 @@ SparsityCurve = Callable[[float, float, float], float]
 
 def _exp(p: float, s0: float, a: float) -> float:
     # The density shrinks by the same factor at every event (INC's "exp").
-    return 1.0 - (1.0 - s0) * ((1.0 - a) / (1.0 - s0)) ** p
+    return 1.0 - (1.0 - s0) * float(((1.0 - a) / (1.0 - s0)) ** p)
 
 
 def _cos(p: float, s0: float, a: float) -> float:
@@ -153,10 +153,10 @@ def check_step_spec(key: str, value: object) -> int | float | None:
     """Check a step given in a config: ``None``, an int ``>= 0`` or a float fraction in ``(0, 1]``."""
     if value is None:
         return None
-    if is_int(value):
-        if int(value) < 0:  # type: ignore[call-overload]
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if int(value) < 0:
             raise ValueError(f"{key}={value} must be >= 0")
-        return int(value)  # type: ignore[call-overload]
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{key}={value!r} must be an int step >= 0, a float fraction in (0, 1], or null")
     if not 0.0 < float(value) <= 1.0:

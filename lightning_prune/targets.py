@@ -49,7 +49,9 @@ class Target:
 
     @property
     def param(self) -> Tensor:
-        return getattr(self.module, self.param_name)
+        param = getattr(self.module, self.param_name)
+        assert isinstance(param, Tensor)
+        return param
 
 
 @dataclass
@@ -78,12 +80,14 @@ class Selection:
         return grouped
 
 
-def compile_patterns(key: str, regexes: str | Sequence[str] | None) -> tuple[re.Pattern[str], ...]:
+def compile_patterns(
+    key: str, regexes: str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None
+) -> tuple[re.Pattern[str], ...]:
     """Compile the regexes given for ``key`` (``include``/``exclude``), raising on a bad one."""
     if regexes is None:
         return ()
     if isinstance(regexes, str | re.Pattern):
-        regexes = [regexes]  # type: ignore[list-item]
+        regexes = [regexes]
     if not isinstance(regexes, Sequence):
         raise ValueError(f"{key}={regexes!r} must be a regex string or a list of them")
     compiled = []
