@@ -9,11 +9,11 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
 LINTED = lightning_prune tests examples benchmarks tools
 
-.PHONY: install demo test test-fast lint
+.PHONY: install demo test test-fast lint typecheck
 
 install:
 	@$(PYTHON) tools/install_torch.py --torch "$(TORCH)" --cpu-index "$(TORCH_INDEX)"
-	@$(PYTHON) -c "import lightning_prune, lightning, torchmetrics, omegaconf, jsonargparse, docstring_parser, hydra, sklearn, rich, matplotlib, tensorboard, transformers, pytest, hypothesis, ruff" 2>/dev/null \
+	@$(PYTHON) -c "import lightning_prune, lightning, torchmetrics, omegaconf, jsonargparse, docstring_parser, hydra, sklearn, rich, matplotlib, tensorboard, transformers, pytest, hypothesis, ruff, mypy" 2>/dev/null \
 		&& $(PYTHON) -c "import importlib.metadata as m; assert 'lightning-prune' in m.entry_points(group='console_scripts').names" 2>/dev/null \
 		|| $(PYTHON) -m pip install -e ".[dev,demo]"
 
@@ -30,3 +30,6 @@ test-fast: install
 lint: install
 	$(PYTHON) -m ruff check $(LINTED)
 	$(PYTHON) -m ruff format --check $(LINTED)
+
+typecheck: install
+	$(PYTHON) -m mypy

@@ -497,8 +497,10 @@ def _bracketed(
     if heavy is not None:
         extra = (_key_of(heavy, dtype), [layer.heavy_count for layer in layers])
     key_range = (_key_of(lo, dtype), _key_of(hi, dtype))
-    key, n_below, n_at_most = _radix(sources, below, extra, lows, highs, sizes, budget, dtype, key_range)
-    return _Cut(_from_key(key, dtype), dtype, n_below, n_at_most, layers, heavy, bracket.heavy_in)
+    key, counts_below, counts_at_most = _radix(
+        sources, below, extra, lows, highs, sizes, budget, dtype, key_range
+    )
+    return _Cut(_from_key(key, dtype), dtype, counts_below, counts_at_most, layers, heavy, bracket.heavy_in)
 
 
 # ---------------------------------------------------------------------------- 3. radix select
