@@ -29,7 +29,8 @@ def load_script(name: str) -> ModuleType:
 
 
 @pytest.mark.bench
-def test_bench_overhead_quick_runs(tmp_path: Path) -> None:
+def test_bench_overhead_quick_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # its trainers write the pruning report to the working folder
     bench = load_script("bench_overhead")
     output = tmp_path / "RESULTS.md"
     output.write_text("# Kept header\n\nother text\n")
