@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from difflib import get_close_matches
@@ -54,6 +55,8 @@ from lightning_prune.targets import DEFAULT_OP_TYPES
 TYPO_CUTOFF = 0.85
 #: The key of the callback's state in a checkpoint; the same whatever the settings.
 STATE_KEY = "PruningCallback"
+#: What a callback's ``name`` may hold (it becomes part of a state key, metric names and a folder).
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def check_strategy(strategy: Strategy) -> None:
@@ -135,6 +138,12 @@ class PruningCallback(Callback):
         regularizer: ``"group_lasso"`` shrinks the pattern's groups toward zero after each optimizer
             step up to ``end_step``, or a ``Regularizer`` object; ``None`` for none.
         regularizer_coeff: strength of a regularizer given by name (default ``1e-4``).
+        rewind: after every event, put the kept weights back to their values at this optimizer
+            step: ``0`` is initialization (the lottery ticket hypothesis, Lightning's
+            ``ModelPruning(use_lottery_ticket_hypothesis=True)``), a later step is weight rewinding;
+            ``None`` (default) keeps training from the pruned weights. Not after the first event.
+        rewind_resample: with ``rewind``, draw the kept weights anew from each layer's
+            initialization instead (``ModelPruning(resample_parameters=True)``).
         monitor: metrics to pair with the sparsity at every validation run, by the name they are
             logged under (``"val_acc"``, or a list); ``None`` takes every metric logged during
             validation, ``[]`` none. A near miss of a name logged in the sanity check's validation
@@ -144,6 +153,9 @@ class PruningCallback(Callback):
             ``pruning/layers.csv`` under ``trainer.log_dir`` (rank 0) and add the figure to any
             ``TensorBoardLogger``.
         verbose: print what is pruned at the start of fit and the per-layer table at the end.
+        name: tells several pruning callbacks in one trainer apart (each prunes its own layers): it
+            names the checkpoint state (``PruningCallback[name]``), the logged metrics
+            (``pruning/name/sparsity``) and the report folder (``pruning/name/``). ``None`` for one.
 
     Example::
 
@@ -172,9 +184,12 @@ class PruningCallback(Callback):
         progressive: bool | Progressive = False,
         regularizer: str | Regularizer | None = None,
         regularizer_coeff: float | None = None,
+        rewind: int | None = None,
+        rewind_resample: bool = False,
         monitor: str | list[str] | None = None,
         save_report: bool = True,
         verbose: bool = True,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         self.options = PruningOptions(
@@ -192,7 +207,16 @@ class PruningCallback(Callback):
             progressive=progressive,
             regularizer=regularizer,
             regularizer_coeff=regularizer_coeff,
+            rewind=rewind,
+            rewind_resample=rewind_resample,
         )
+        if name is not None and not (isinstance(name, str) and NAME.fullmatch(name)):
+            raise ValueError(
+                f"name={name!r} must be letters, digits, '_', '-' or '.' (or null for one callback)"
+            )
+        self.name = name
+        # Where this callback's metrics and report files go; several callbacks need distinct ones.
+        self._prefix = "pruning" if name is None else f"pruning/{name}"
         self.start_step = check_step_spec("start_step", start_step)
         self.end_step = check_step_spec("end_step", end_step)
         check_window(self.start_step, self.end_step)
@@ -219,6 +243,7 @@ class PruningCallback(Callback):
         self._assumed_steps_per_batch = 1
         self._first_batch_start: int | None = None
         self._start_step: int | None = None
+        self._fitting: pl.Trainer | None = None  # the trainer of the fit under way
 
     @classmethod
     def from_config(cls, config: PruningConfig | Mapping[str, Any] | DictConfig) -> PruningCallback:
@@ -233,11 +258,27 @@ class PruningCallback(Callback):
         """
         return cls(**config_to_kwargs(config))
 
+    @classmethod
+    def from_inc_config(cls, config: Any, **callback_kwargs: Any) -> list[PruningCallback]:
+        """Callbacks for an Intel Neural Compressor ``WeightPruningConfig`` (a dict, ``DictConfig`` or INC's
+        object): one per entry of ``pruning_configs``, each pruning its own layers. Pass them all to the
+        ``Trainer``. See :func:`lightning_prune.inc.callbacks_from_inc_config` and ``docs/migration.md``.
+
+        Example::
+
+            >>> callbacks = PruningCallback.from_inc_config({"target_sparsity": 0.8, "pattern": "4x1"})
+            >>> callbacks[0].options.criterion
+            SnipMomentumCriterion(alpha=0.9, beta=1.0, reset_after_event=False, init_batches=1, score_dtype='float32')
+        """
+        from lightning_prune.inc import callbacks_from_inc_config
+
+        return callbacks_from_inc_config(config, **callback_kwargs)
+
     @property
     def state_key(self) -> str:
         # Stable whatever the settings: Lightning hands the saved state back only under the same key,
         # and the settings are compared on load, where a difference can be named.
-        return STATE_KEY
+        return STATE_KEY if self.name is None else f"{STATE_KEY}[{self.name}]"
 
     def _step_options(self) -> dict[str, str]:
         """The window as given (not as resolved), compared on resume."""
@@ -261,7 +302,8 @@ class PruningCallback(Callback):
     ) -> None:
         # Called before load_state_dict, and only when a checkpoint is restored in this stage.
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
-        migrate_legacy_key(checkpoint.setdefault("callbacks", {}), self.state_key)
+        if self.name is None:  # the first release knew one callback per trainer
+            migrate_legacy_key(checkpoint.setdefault("callbacks", {}), self.state_key)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here the model is on its device, the optimizers exist and a checkpoint's callback state has
@@ -285,6 +327,7 @@ class PruningCallback(Callback):
             self.history = PruningHistory()
             self.history.load_state_dict(state.get("history", []) if state is not None else [])
         self.pruner, self._start_step, self._fit_end_step = pruner, start, None
+        self._check_no_overlap(trainer)
         self._logged_events = len(pruner.events)
         if self.verbose:
             self._describe(pruner, origin)
@@ -294,6 +337,22 @@ class PruningCallback(Callback):
             # Lightning's on_before_optimizer_step feeds gradient criteria: with a closure the
             # gradients only exist inside optimizer.step, after any pre-hook.
             pruner.attach(optimizer, accumulate_before_step=False)
+
+    def _check_no_overlap(self, trainer: pl.Trainer) -> None:
+        # Several callbacks prune several groups; two masks on one weight would fight.
+        assert self.pruner is not None
+        self._fitting = trainer
+        mine = {id(t.param): t.name for t in self.pruner.targets}
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, PruningCallback) or other._fitting is not trainer:
+                continue
+            assert other.pruner is not None
+            shared = [mine[id(t.param)] for t in other.pruner.targets if id(t.param) in mine]
+            if shared:
+                raise ValueError(
+                    f"PruningCallback name={self.name!r} and name={other.name!r} would both prune {shared}; "
+                    "give each its own layers (include/exclude)"
+                )
 
     def _starting_state(self, pl_module: pl.LightningModule, start: int) -> tuple[dict[str, Any] | None, str]:
         """The state this fit starts from and where it comes from (see lifecycle.py)."""
@@ -393,7 +452,7 @@ class PruningCallback(Callback):
         metrics = {}
         for name in names:
             value = available[name]
-            if name.startswith("pruning/") or name == "sparsity" or value.numel() != 1:
+            if name.startswith(("pruning/", "sparsity")) or value.numel() != 1:
                 continue
             metrics[name] = float(value)
         sparsity, _ = self.pruner.weight_sparsity()
@@ -408,7 +467,8 @@ class PruningCallback(Callback):
         )
         for logger in trainer.loggers:
             logger.log_metrics(
-                {"pruning/sparsity": sparsity, "pruning/target_sparsity": target}, step=trainer.global_step
+                {f"{self._prefix}/sparsity": sparsity, f"{self._prefix}/target_sparsity": target},
+                step=trainer.global_step,
             )
 
     def _check_monitor_logged(self, trainer: pl.Trainer, available: Mapping[str, Any]) -> None:
@@ -445,7 +505,7 @@ class PruningCallback(Callback):
             rank_zero_info(f"\n{report}")
         if not self.save_report:
             return
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "pruning"  # log_dir: every rank
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / self._prefix  # log_dir: every rank
         if not trainer.is_global_zero:
             return
         self.history.to_csv(str(folder / "curve.csv"))
@@ -463,7 +523,10 @@ class PruningCallback(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(
-                    "pruning/curve", figure_rgb(figure), global_step=trainer.global_step, dataformats="HWC"
+                    f"{self._prefix}/curve",
+                    figure_rgb(figure),
+                    global_step=trainer.global_step,
+                    dataformats="HWC",
                 )
                 logger.experiment.flush()
         rank_zero_info(f"lightning_prune: wrote curve.csv, curve.png and layers.csv to {folder}")
@@ -473,6 +536,7 @@ class PruningCallback(Callback):
             self.pruner.detach()
             self._fit_end_step = trainer.global_step
         self._restored, self._checkpoint_step, self._first_batch_start = None, None, None
+        self._fitting = None
 
     def layer_report(self, model: pl.LightningModule) -> SparsityReport:
         """:func:`~lightning_prune.sparsity_report` of every weight of ``model`` with 2 or more dims,
@@ -502,12 +566,14 @@ class PruningCallback(Callback):
             sparsity=sparsity,
             target_sparsity=event.target_sparsity,
         )
-        metrics = {"pruning/sparsity": sparsity, "pruning/target_sparsity": event.target_sparsity}
-        metrics.update({f"pruning/sparsity/{name}": value for name, value in layers.items()})
+        prefix = self._prefix
+        metrics = {f"{prefix}/sparsity": sparsity, f"{prefix}/target_sparsity": event.target_sparsity}
+        metrics.update({f"{prefix}/sparsity/{name}": value for name, value in layers.items()})
         # Straight to the loggers: self.log would drop events that miss `log_every_n_steps`.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=event.step)
-        pl_module.log("sparsity", sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        shown = "sparsity" if self.name is None else f"sparsity/{self.name}"
+        pl_module.log(shown, sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def _summary(self) -> str:
         return (

@@ -46,10 +46,13 @@ class PruningConfig:
     progressive: Any = False
     regularizer: Any = None
     regularizer_coeff: float | None = None
+    rewind: int | None = None
+    rewind_resample: bool = False
     # OmegaConf has no unions with containers: a name or a list of names, checked by the callback.
     monitor: Any = None
     save_report: bool = True
     verbose: bool = True
+    name: str | None = None
 
 
 _PLAIN = (str, int, float, bool, list, tuple, type(None))

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_prune.checks import check_fraction
+from lightning_prune.checks import check_fraction, check_int
 from lightning_prune.criteria import Criterion, parse_criterion
 from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.progressive import Progressive, check_progressive_pattern, parse_progressive
@@ -49,6 +49,11 @@ class PruningOptions:
             of its arguments.
         regularizer: ``"group_lasso"``, a Regularizer object, a mapping, or ``None``.
         regularizer_coeff: strength of a regularizer given by name (its default when ``None``).
+        rewind: after every event, put the kept weights back to their values at this optimizer step
+            (0: initialization, the lottery ticket hypothesis; later: weight rewinding); ``None`` off.
+            It must not come after the first event.
+        rewind_resample: with ``rewind``, draw the kept weights anew from each layer's
+            initialization (``reset_parameters``) instead of restoring the saved ones.
     """
 
     target_sparsity: float
@@ -64,6 +69,8 @@ class PruningOptions:
     max_sparsity_per_layer: float
     progressive: Progressive | None
     regularizer: Regularizer | None
+    rewind: int | None
+    rewind_resample: bool
 
     def __init__(
         self,
@@ -81,6 +88,8 @@ class PruningOptions:
         progressive: bool | Progressive | Mapping[str, Any] | None = False,
         regularizer: str | Regularizer | Mapping[str, Any] | None = None,
         regularizer_coeff: float | None = None,
+        rewind: int | None = None,
+        rewind_resample: bool = False,
     ) -> None:
         set_ = object.__setattr__  # frozen: normalised once, here
         set_(
@@ -115,6 +124,14 @@ class PruningOptions:
         set_(self, "regularizer", parse_regularizer(regularizer, regularizer_coeff))  # coeff folded in
         if self.regularizer is not None:
             self.regularizer.check_pattern(self.pattern)
+        set_(self, "rewind", check_int("rewind", rewind, minimum=0, none_means="no rewinding"))
+        if not isinstance(rewind_resample, bool):
+            raise ValueError(f"rewind_resample={rewind_resample!r} must be true or false")
+        if rewind_resample and self.rewind is None:
+            raise ValueError(
+                "rewind_resample=True resamples at each rewind, but rewind is null; set rewind=0 too"
+            )
+        set_(self, "rewind_resample", rewind_resample)
         target = self.target_sparsity
         if not low <= target <= high:
             raise ValueError(
@@ -138,6 +155,8 @@ class PruningOptions:
             "max_sparsity_per_layer": repr(self.max_sparsity_per_layer),
             "progressive": repr(self.progressive),
             "regularizer": repr(self.regularizer),
+            "rewind": repr(self.rewind),
+            "rewind_resample": repr(self.rewind_resample),
         }
 
 

@@ -30,6 +30,7 @@ from lightning_prune.messages import info, warn
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import Pattern
 from lightning_prune.progressive import Fade, plan_fade, resolve_steps
+from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import Schedule
 from lightning_prune.state import STATE_VERSION, check_header, check_state, compare_settings
 from lightning_prune.targets import Target, select_targets
@@ -173,7 +174,23 @@ class Pruner:
             )
         #: A progressive fade under way, or ``None``.
         self.fade: Fade | None = None
+        #: Where kept weights go back to after each event (``options.rewind``), or ``None``.
+        self.rewind = self._rewind(schedule)
         self._handles: list[RemovableHandle] = []
+
+    def _rewind(self, schedule: Schedule) -> Rewind | None:
+        step = self.options.rewind
+        if step is None:
+            return None
+        events = schedule.event_steps()
+        if events and step > events[0]:
+            raise ValueError(
+                f"rewind={step} comes after the first pruning event (step {events[0]}): the weights to "
+                "rewind to would not exist yet; rewind to a step at or before it"
+            )
+        rewind = Rewind(step, self.options.rewind_resample)
+        rewind.check_targets(self.targets)
+        return rewind
 
     def _scorable(self, targets: list[Target]) -> list[Target]:
         criterion = self.options.criterion
@@ -221,6 +238,13 @@ class Pruner:
         """
         if self.events:
             raise RuntimeError("start_at is for a pruner without history; it has pruned already")
+        rewind = self.rewind
+        if rewind is not None and not rewind.resample and step > rewind.step:
+            raise ValueError(
+                f"rewind={rewind.step} needs the weights of step {rewind.step}, but this run starts at step "
+                f"{step} without pruning state to take them from; resume from a checkpoint saved with "
+                "the same settings, or rewind to a later step"
+            )
         self.step = int(step)
 
     def due_sparsity(self) -> float | None:
@@ -254,6 +278,7 @@ class Pruner:
         def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
             self._after_step(owned.current())
 
+        self._take_rewind_snapshot()
         self.prune_if_due()  # first, so that a refused event leaves no hook behind
         self._handles.append(optimizer.register_step_post_hook(after_step))
         if accumulate_before_step and self.options.criterion.needs_gradients:
@@ -362,6 +387,7 @@ class Pruner:
             owned: ``(target index, param group)`` of each target the stepping optimizer updated.
         """
         self.step += 1
+        self._take_rewind_snapshot()
         regularizer = self.options.regularizer
         if regularizer is not None and self.step <= self.schedule.end_step:
             for index, group in owned:
@@ -376,6 +402,11 @@ class Pruner:
         if not fading:
             zero_pruned([self.targets[i].param for i, _ in owned], [self._step_masks[i] for i, _ in owned])
         return None
+
+    def _take_rewind_snapshot(self) -> None:
+        rewind = self.rewind
+        if rewind is not None and not rewind.ready and self.step == rewind.step:
+            rewind.take(self.targets)
 
     def prune_if_due(self) -> PruningEvent | None:
         """Run the event due at the current step (see :meth:`due_sparsity`), if any."""
@@ -497,6 +528,13 @@ class Pruner:
             self._advance_fade()  # the event's own step is the fade's first
         for buffer in self.buffers:
             self.options.criterion.after_event(buffer)
+        if self.rewind is not None:
+            if not self.rewind.ready:
+                raise RuntimeError(
+                    f"rewind={self.rewind.step}: the event at step {self.step} has no weights of step "
+                    f"{self.rewind.step} to rewind to; attach the pruner before training starts"
+                )
+            broadcast_from_rank_zero(self.rewind.restore(self.targets))  # resampled draws differ by rank
         self.apply_masks()
         # What the event decided; under a progressive fade the weights get there over the fade.
         counts = torch.stack([c.cpu() for c in pruned_counts]).tolist()
@@ -563,6 +601,7 @@ class Pruner:
             "gradient_steps": self.gradient_steps,
             "calibration_calls": self.calibration_calls,
             "fade": None if self.fade is None else self.fade.state_dict(names),
+            "rewind": None if self.rewind is None else self.rewind.state_dict(names),
         }
 
     @torch.no_grad()
@@ -604,4 +643,6 @@ class Pruner:
         self.calibration_calls = int(state.get("calibration_calls", 0))
         fade = state.get("fade")
         self.fade = None if fade is None else Fade.from_state(fade, names, self.masks)
+        if self.rewind is not None and state.get("rewind") is not None:
+            self.rewind.load_state_dict(state["rewind"], names, self.targets)
         self.apply_masks()

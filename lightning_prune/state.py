@@ -86,6 +86,13 @@ def check_state(
         if saved is not None and buffer is not None:
             _tensor(f"the score buffer of {name!r}", saved, buffer.shape, None)
     _check_events(state["events"], int(step))
+    rewind = state.get("rewind")
+    if rewind is not None:
+        snapshot = rewind.get("snapshot") if isinstance(rewind, Mapping) else None
+        if snapshot is not None:
+            _names("rewind snapshot", snapshot, names)
+            for name, shape in zip(names, shapes, strict=True):
+                _tensor(f"the rewind snapshot of {name!r}", snapshot[name], shape, None)
     fade = state.get("fade")
     if fade is not None:
         if not isinstance(fade, Mapping) or not {"position", "steps", "stages"} <= set(fade):
