@@ -1,4 +1,5 @@
-"""Which groups to prune: one ranking over all layers (global) or one per layer (local).
+"""Which groups to prune: one ranking over all layers (global), one per layer (local), or one per
+output row of each layer (row: Wanda's comparison group).
 
 Both honour per-layer sparsity bounds. Global selection is exact: it prunes the lowest-cost groups
 subject to every layer staying within ``[min, max]``. Each layer's ``lo`` cheapest groups are
@@ -31,6 +32,11 @@ pass per round; each round narrows the key range by at least ``RADIX_BINS / 2``,
 take at most 3 rounds (float64: 6), then one comparison pass builds the masks. The result is the
 same on every path (only the time differs), so ranks that sampled differently still agree. Extra
 memory: the masks themselves, the extracted costs, and one chunk of temporaries.
+
+**Rows.** The ``"row"`` scope prunes the same share of every row of a layer's groups (an output
+row for ``1x1`` and N:M; a band of rows for ``NxM`` blocks), each row's cheapest in the same order:
+per block of rows, the k-th smallest key of each row, what lies below it, then the ties at it by
+position (:func:`lowest_in_rows`).
 """
 
 from __future__ import annotations
@@ -68,11 +74,14 @@ class LayerGroups:
         costs: 1-D costs, one per group (lower is pruned first; ``-inf`` for groups already pruned).
         group_size: weights zeroed when one group is pruned.
         numel: weights in the layer (the denominator of its sparsity).
+        rows: the costs are this many equal runs, one per output row (or band of rows) of groups,
+            each ranked on its own by the ``"row"`` scope.
     """
 
     costs: Tensor
     group_size: int
     numel: int
+    rows: int = 1
 
     def bounds(self, min_sparsity: float, max_sparsity: float) -> tuple[int, int]:
         """Fewest and most groups that keep the layer's sparsity within the bounds."""
@@ -94,16 +103,19 @@ def select_groups(
 
     Args:
         layers: the groups of each targeted layer.
-        sparsity: fraction of all targeted weights to zero (global) or of each layer's (local).
-        scope: ``"global"`` or ``"local"``.
-        min_sparsity: least sparsity per layer; capped at ``sparsity`` so that a schedule's early,
-            low targets are not overridden.
-        max_sparsity: most sparsity per layer.
+        sparsity: fraction of all targeted weights to zero (global), of each layer's (local) or of
+            each row's (row).
+        scope: ``"global"``, ``"local"`` or ``"row"``.
+        min_sparsity: least sparsity per layer (per row for ``"row"``); capped at ``sparsity`` so
+            that a schedule's early, low targets are not overridden.
+        max_sparsity: most sparsity per layer (per row for ``"row"``).
 
     Returns:
         One 1-D bool tensor per layer, ``True`` for each group to prune.
     """
     min_sparsity = min(min_sparsity, sparsity)
+    if scope == "row":
+        return [_lowest_in_each_row(layer, sparsity, min_sparsity, max_sparsity) for layer in layers]
     bounds = [layer.bounds(min_sparsity, max_sparsity) for layer in layers]
     if scope == "local":
         counts = [
@@ -112,7 +124,7 @@ def select_groups(
         ]
         return [lowest(layer.costs, count) for layer, count in zip(layers, counts, strict=True)]
     if scope != "global":
-        raise ValueError(f"scope={scope!r} is not one of ['global', 'local']")
+        raise ValueError(f"scope={scope!r} is not one of ['global', 'local', 'row']")
     counts, cut = _global_counts(layers, bounds, sparsity)
     selected = []
     for i, (layer, count) in enumerate(zip(layers, counts, strict=True)):
@@ -132,6 +144,41 @@ def lowest(values: Tensor, k: int) -> Tensor:
     if k == values.numel():
         return torch.ones_like(values, dtype=torch.bool)
     return _crossing([values], [0], [values.numel()], [1], k).mask(0, k)
+
+
+def _lowest_in_each_row(
+    layer: LayerGroups, sparsity: float, min_sparsity: float, max_sparsity: float
+) -> Tensor:
+    """The ``"row"`` scope: every row of the layer's groups loses the same count, its own cheapest."""
+    per_row = layer.costs.numel() // layer.rows
+    row = LayerGroups(layer.costs[:per_row], layer.group_size, layer.numel // layer.rows)
+    lo, hi = row.bounds(min_sparsity, max_sparsity)
+    count = max(lo, min(hi, round(sparsity * row.numel / row.group_size)))
+    return lowest_in_rows(layer.costs.view(layer.rows, per_row), count).view(-1)
+
+
+def lowest_in_rows(values: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` lowest of each row of 2-D ``values``, as a stable sort of each row
+    would take them (the module's order; ties: lower index).
+
+    Per block of rows: the k-th smallest integer key of each row (``kthvalue``, no sort), what is
+    below it, and the first ties at it by position, so the work is a few passes whatever the ties.
+    """
+    rows, width = values.shape
+    k = max(0, min(k, width))
+    if k in (0, width):
+        return torch.full(values.shape, k == width, dtype=torch.bool, device=values.device)
+    pruned = torch.empty(values.shape, dtype=torch.bool, device=values.device)
+    dtype = _common_dtype([values])
+    step = max(1, (CHUNK if values.device.type == "cpu" else DEVICE_CHUNK) // width)
+    for start in range(0, rows, step):
+        keys = _keys(_as(values[start : start + step], dtype))
+        kth = keys.kthvalue(k, dim=1, keepdim=True).values
+        below = keys < kth
+        ties = keys == kth
+        wanted = k - below.sum(dim=1, keepdim=True, dtype=torch.int32)
+        pruned[start : start + step] = below | (ties & (ties.cumsum(dim=1, dtype=torch.int32) <= wanted))
+    return pruned
 
 
 def _global_counts(
