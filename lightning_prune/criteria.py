@@ -107,12 +107,26 @@ def register_criterion(cls: C) -> C:
 
 @register_criterion
 class MagnitudeCriterion(Criterion):
-    """``|W|``: the smallest weights go first. Keeps no buffer."""
+    """``|W| ** power``: the smallest weights go first. Keeps no buffer.
+
+    The power changes nothing for single weights; for groups summed by a pattern
+    (``ChannelPattern(reduce="sum")``) ``power=2`` ranks channels by their L2 norm, as
+    ``torch.nn.utils.prune.ln_structured(n=2)`` does, and ``power=1`` by their L1 norm.
+
+    Args:
+        power: exponent on ``|W|``, greater than 0.
+    """
 
     name = "magnitude"
 
+    def __init__(self, power: float = 1.0) -> None:
+        if isinstance(power, bool) or not isinstance(power, int | float) or not power > 0:
+            raise ValueError(f"magnitude power={power!r} must be a number > 0")
+        self.power = float(power)
+
     def score(self, buffer: Tensor | None, param: Tensor) -> Tensor:
-        return param.detach().abs().float()
+        score = param.detach().abs().float()
+        return score if self.power == 1.0 else score.pow_(self.power)
 
 
 class AccumulatingCriterion(Criterion):
