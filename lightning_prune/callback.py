@@ -120,7 +120,8 @@ class PruningCallback(Callback):
         sparsity_curve: how sparsity rises between events: ``"exp"``, ``"cos"``, ``"linear"``,
             ``"cube"`` or ``"agp"`` (Zhu & Gupta 2017).
         scope: ``"global"`` ranks all targets together (layers end at different sparsities);
-            ``"local"`` prunes every layer to the same sparsity.
+            ``"local"`` prunes every layer to the same sparsity; ``"row"`` every output row of every
+            layer (the comparison group of Wanda, Sun et al. 2023).
         include: a regex or list of regexes over qualified module names (``re.search``); only
             matching modules are pruned.
         exclude: a regex or list of regexes over qualified module names that are never pruned.

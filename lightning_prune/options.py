@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from lightning_prune.checks import check_fraction, check_int
 from lightning_prune.criteria import Criterion, parse_criterion
@@ -14,7 +17,7 @@ from lightning_prune.progressive import Progressive, check_progressive_pattern, 
 from lightning_prune.regularizers import Regularizer, parse_regularizer
 from lightning_prune.targets import DEFAULT_OP_TYPES, compile_patterns
 
-SCOPES = ("global", "local")
+SCOPES = ("global", "local", "row")
 
 
 @dataclass(frozen=True, init=False)
@@ -33,7 +36,8 @@ class PruningOptions:
             a Pattern, or a mapping with ``name``/``_target_`` and options.
         criterion: a registered criterion name, a Criterion object, or a mapping with
             ``name``/``_target_`` and options (``{"name": "snip_momentum", "alpha": 0.9}``).
-        scope: ``"global"`` ranks all targets together; ``"local"`` prunes each layer to the target.
+        scope: ``"global"`` ranks all targets together; ``"local"`` prunes each layer to the target;
+            ``"row"`` prunes each output row of each layer to the target (Wanda's comparison group).
         include: a regex or list of regexes (``re.search``) over qualified module names; only
             matches are pruned.
         exclude: a regex or list of regexes over qualified module names that are never pruned.
@@ -103,6 +107,8 @@ class PruningOptions:
         set_(self, "criterion", parse_criterion(criterion))
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r} is not one of {list(SCOPES)}")
+        if scope == "row":
+            _check_row_scope(self.pattern)
         set_(self, "scope", scope)
         set_(self, "include", compile_patterns("include", include))
         set_(self, "exclude", compile_patterns("exclude", exclude))
@@ -158,6 +164,20 @@ class PruningOptions:
             "rewind": repr(self.rewind),
             "rewind_resample": repr(self.rewind_resample),
         }
+
+
+def _check_row_scope(pattern: Pattern) -> None:
+    """The ``"row"`` scope ranks the groups within each row: refuse a pattern with one group per row
+    (``"1xchannel"``), which would prune whole layers. Probed on a meta weight: no memory, no compute."""
+    probe = torch.empty(64, 64, device="meta")
+    if pattern.tiling_error(probe.shape) is not None:
+        return  # a pattern of other sizes: its groups are checked against each layer instead
+    groups = pattern.group_view(probe).shape[:-1]
+    if math.prod(groups[1:]) == 1:
+        raise ValueError(
+            f"scope='row' ranks the groups within each output row, but pattern {str(pattern)!r} has one "
+            "group per row; use scope='local' or 'global' with it"
+        )
 
 
 def _describe(pattern: Pattern) -> str:

@@ -498,7 +498,10 @@ class Pruner:
                 score.masked_fill_(score.isnan(), float("-inf"))
             standard = target.layout.to_standard(score)  # patterns read (out, in, *kernel)
             costs = pattern.group_costs(standard)
-            layers.append(LayerGroups(costs.flatten(), pattern.group_size(standard.shape), score.numel()))
+            rows = costs.shape[0] if costs.dim() > 1 else 1  # the "row" scope ranks each on its own
+            layers.append(
+                LayerGroups(costs.flatten(), pattern.group_size(standard.shape), score.numel(), rows)
+            )
             scores.append((standard, costs.shape))
         return layers, scores
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+from lightning_prune import Pruner, PruningCallback, PruningOptions, Schedule
 from lightning_prune.thresholds import LayerGroups, lowest_in_rows, select_groups
 
 SPECIAL = [float("-inf"), float("inf"), float("nan"), -0.0, 0.0]
@@ -71,3 +72,35 @@ def test_row_scope_counts_groups_per_row_and_honours_the_per_row_bounds() -> Non
 def test_unknown_scope_names_the_row_scope_among_the_accepted() -> None:
     with pytest.raises(ValueError, match=r"'sideways' is not one of \['global', 'local', 'row'\]"):
         select_groups([LayerGroups(torch.zeros(2), 1, 2)], 0.5, "sideways")
+
+
+# ------------------------------------------------------------------------------ through the Pruner
+def test_row_scope_prunes_every_output_row_to_the_target() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.linspace(0.01, 10, 12)[:, None])  # rows of very different scales
+    magnitude = model[0].weight.detach().abs().clone()
+    pruner = Pruner(model, Schedule(0, 0), PruningOptions(target_sparsity=0.5, pattern="1x1", scope="row"))
+    pruner.prune(0.5)
+    (mask,) = pruner.masks
+    assert mask.sum(dim=1).tolist() == [8] * 12
+    assert torch.equal(~mask, sorted_choice(magnitude, 8))  # each row's 8 smallest
+
+
+def test_row_scope_with_n_m_makes_the_same_share_of_groups_n_m_in_every_row() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.linspace(0.01, 10, 6)[:, None])
+    pruner = Pruner(model, Schedule(0, 0), PruningOptions(target_sparsity=0.25, pattern="2:4", scope="row"))
+    pruner.prune(0.25)
+    groups = pruner.masks[0].view(6, 4, 4)
+    assert (groups.sum(dim=-1) == 2).sum(dim=1).tolist() == [2] * 6  # half the groups of every row
+
+
+def test_row_scope_refuses_a_pattern_with_one_group_per_row() -> None:
+    with pytest.raises(ValueError, match=r"scope='row'.*'1xchannel' has one group per row"):
+        PruningOptions(pattern="1xchannel", scope="row")
+    PruningOptions(pattern="4x1", scope="row")  # a band of 4 rows holds many blocks
+    assert PruningCallback(pattern="2:4", target_sparsity=0.5, scope="row").options.scope == "row"
