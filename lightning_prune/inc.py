@@ -141,7 +141,8 @@ def entry_kwargs(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _as_dict(config: object) -> dict[str, Any]:
-    """The config as a plain dict: a mapping, an OmegaConf ``DictConfig`` or INC's ``WeightPruningConfig``."""
+    """The config as a plain dict: a mapping, a list of entries (``WeightPruningConfig(configs)``), an
+    OmegaConf ``DictConfig`` or INC's ``WeightPruningConfig``."""
     if hasattr(config, "weight_compression") and hasattr(config, "pruning_configs"):  # INC's own object
         return {**dict(config.weight_compression), "pruning_configs": list(config.pruning_configs)}
     try:
@@ -155,8 +156,11 @@ def _as_dict(config: object) -> dict[str, Any]:
         pass
     if isinstance(config, Mapping):
         return {str(k): v for k, v in config.items()}
+    if isinstance(config, list | tuple):  # WeightPruningConfig(configs): the entries alone
+        return {"pruning_configs": list(config)}
     raise ValueError(
-        f"an INC pruning config must be a dict, a DictConfig or a WeightPruningConfig, got {type(config).__name__}"
+        "an INC pruning config must be a dict, a list of entries, a DictConfig or a WeightPruningConfig, "
+        f"got {type(config).__name__}"
     )
 
 
@@ -187,7 +191,7 @@ def callbacks_from_inc_config(config: object, **callback_kwargs: Any) -> list[Pr
 
     Args:
         config: a dict or ``DictConfig`` with INC's keys (``pruning_configs`` and top-level defaults),
-            or INC's ``WeightPruningConfig`` object itself.
+            a list of entries (as ``WeightPruningConfig(configs)`` takes), or INC's object itself.
         callback_kwargs: our own arguments for every callback (``verbose``, ``monitor``, ``rewind``...).
 
     Returns:

@@ -169,3 +169,8 @@ def test_two_callbacks_on_the_same_layer_are_refused() -> None:
 def test_a_bad_callback_name_is_refused() -> None:
     with pytest.raises(ValueError, match="name='a b'"):
         PruningCallback(name="a b")
+
+
+def test_a_list_of_entries_reads_as_inc_reads_its_first_argument() -> None:
+    entries = [{"op_names": ["a"], "target_sparsity": 0.6}, {"op_names": ["b"]}]
+    assert [c.options.target_sparsity for c in callbacks_from_inc_config(entries)] == [0.6, 0.9]
