@@ -14,6 +14,11 @@ The lifecycle, for each target (a weight with its module and layout)::
                            Pruner is calibrating ("activations")
     score(state, param)    element scores at each pruning event
     after_event(state)     right after each event
+
+A criterion that ``reconstructs`` (SparseGPT, :class:`ReconstructingCriterion`) chooses its masks
+and writes corrected weights itself, one layer at a time, from a statistic of that layer's inputs;
+it prunes once, through :func:`lightning_prune.calibration.calibrate_and_prune`, instead of
+score -> select -> commit.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from lightning_prune.registry import Registry, build_strategy
 from lightning_prune.value import ValueObject
 
 if TYPE_CHECKING:
+    from lightning_prune.options import PruningOptions
+    from lightning_prune.patterns import Pattern
     from lightning_prune.targets import Target
 
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,6 +54,8 @@ class Criterion(ValueObject, ABC):
     name: ClassVar[str] = ""
     #: What scores are made of besides the weight: ``{"gradients"}``, ``{"activations"}`` or none.
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: Chooses masks and writes corrected weights itself (see :class:`ReconstructingCriterion`).
+    reconstructs: ClassVar[bool] = False
 
     @property
     def needs_gradients(self) -> bool:
@@ -61,6 +70,13 @@ class Criterion(ValueObject, ABC):
     def supports(self, target: Target) -> str | None:
         """Why ``target`` cannot be scored by this criterion (it is then left dense), or ``None``."""
         return None
+
+    def check_options(self, options: PruningOptions) -> None:
+        """Refuse settings this criterion cannot serve, when the options are built (before training).
+
+        Raises:
+            ValueError: naming the key, its value and what is accepted.
+        """
 
     def init_state(self, target: Target) -> Tensor | None:
         """The state tensor for ``target``, or ``None`` when the criterion keeps none."""
@@ -89,6 +105,51 @@ class Criterion(ValueObject, ABC):
 
     def after_event(self, buffer: Tensor | None) -> None:
         """Called after each pruning event, e.g. to reset the state."""
+
+
+class ReconstructingCriterion(Criterion):
+    """Prunes each layer from a statistic of its inputs and writes the corrected weights itself.
+
+    The engine (:func:`lightning_prune.calibration.calibrate_and_prune`) takes the targets in the
+    order the model calls them; for each, it builds :meth:`layer_state`, runs the calibration
+    batches through the model (earlier layers already pruned) with :meth:`observe` on that layer's
+    inputs, sums the state over DDP ranks, and calls :meth:`reconstruct`. Only one layer's state
+    exists at a time. The masks the Pruner keeps afterwards are the weights' new zeros.
+    """
+
+    needs = frozenset({ACTIVATIONS})
+    reconstructs = True
+
+    def init_state(self, target: Target) -> Tensor | None:
+        return None  # nothing is kept across events or checkpointed: see layer_state
+
+    @abstractmethod
+    def layer_state(self, target: Target) -> Tensor:
+        """A fresh statistic of ``target``'s inputs (a sum: DDP ranks add theirs up)."""
+
+    @abstractmethod
+    def reconstruct(
+        self, state: Tensor, target: Target, keep: Tensor, sparsity: float, pattern: Pattern
+    ) -> Tensor:
+        """Prune ``target`` to ``sparsity`` in ``pattern`` and write its corrected weight in place.
+
+        Args:
+            state: :meth:`layer_state` after the calibration batches, summed over ranks.
+            target: the layer; its weight is overwritten.
+            keep: the current mask in the standard ``(out, in, *kernel)`` layout (``False`` stays pruned).
+            sparsity: fraction of the layer's weights to prune.
+            pattern: the shape the zeros take.
+
+        Returns:
+            The new keep mask in the standard layout; the weight is zero wherever it is ``False``.
+        """
+
+    def score(self, buffer: Tensor | None, param: Tensor) -> Tensor:
+        raise RuntimeError(
+            f"criterion {self.name!r} chooses masks and corrects the weights from calibration data in one "
+            "pass; prune with lightning_prune.prune_once(model, loader, ...), calibrate_and_prune(pruner, "
+            "batches), or the callback one-shot at step 0 (start_step=0, end_step=0)"
+        )
 
 
 #: Criteria by name: ``criterion="snip_momentum"`` in any config.
@@ -269,19 +330,26 @@ class WandaCriterion(Criterion):
     """``|W_ij| * ||X_j||_2`` (Sun et al. 2023, Wanda): the weight times the L2 norm of its input
     channel over the calibration data.
 
+    The paper compares weights within each output row: ``scope="row"``; ``"local"`` compares within
+    each layer (as torchao's ``WandaSparsifier`` does) and ``"global"`` across layers. N:M patterns
+    keep the N best of every M inputs, whatever the scope.
+
     The norms are gathered by forward hooks that exist only while the Pruner calibrates (for the
-    callback: ``init_batches`` training batches before an event due at the start of fit); an event
-    with no calibration behind it is an error. Layers whose input is one tensor with the channels on
-    a known axis are supported: Linear, Hugging Face Conv1D, convolutions without groups.
+    callback: ``calibration_batches`` batches before an event due at the start of fit); an event
+    with no calibration behind it is an error. The state is the sum of squared inputs per input
+    channel; under DDP each rank's sum is added up when calibration ends. Layers whose input is one
+    tensor with the channels on a known axis are supported: Linear, Hugging Face Conv1D,
+    convolutions without groups.
 
     Args:
-        init_batches: training batches the callback calibrates on before an event at the start of fit.
+        init_batches: batches to calibrate on when the callback's or :func:`prune_once`'s
+            ``calibration_batches`` is not given (the paper used 128 sequences).
     """
 
     name = "wanda"
     needs = frozenset({ACTIVATIONS})
 
-    def __init__(self, init_batches: int = 1) -> None:
+    def __init__(self, init_batches: int = 128) -> None:
         self.init_batches = check_int(f"{self.name} init_batches", init_batches, minimum=1)
 
     def supports(self, target: Target) -> str | None:

@@ -149,6 +149,7 @@ class PruningOptions:
                 f"target_sparsity={target} is above {self.pattern.max_sparsity:g}, the most that pattern "
                 f"{str(self.pattern)!r} can reach (1 - N/M); use target_sparsity <= {self.pattern.max_sparsity:g}"
             )
+        self.criterion.check_options(self)  # what this criterion cannot be combined with
 
     def settings(self) -> dict[str, str]:
         """The options that decide which weights are pruned (not which layers are targets), as text."""
