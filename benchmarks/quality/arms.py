@@ -48,7 +48,8 @@ class Arm:
         criterion: criterion name (``"-"`` for dense, ``"l1"`` for ModelPruning).
         pattern: pattern name (``"-"`` for dense).
         target: final sparsity asked for.
-        variant: ``""``, ``"progressive"`` or ``"group_lasso"``.
+        variant: ``""``, ``"progressive"`` or ``"group_lasso"``; for ModelPruning ``"no_rewind"``
+            (its default rewinds: ``use_lottery_ticket_hypothesis=True``).
         options: further ``PruningCallback`` arguments as ``(name, value)`` pairs (``bench_defaults.py``).
     """
 
@@ -72,7 +73,13 @@ class Arm:
 
 def all_arms(inc: bool) -> list[Arm]:
     """Every arm of the default run, dense first; INC's only when ``inc``."""
-    arms = [Arm("dense"), Arm("modelpruning", "l1", "1x1", PATTERN_TARGETS["1x1"])]
+    unstructured = PATTERN_TARGETS["1x1"]
+    arms = [
+        Arm("dense"),
+        Arm("modelpruning", "l1", "1x1", unstructured),
+        Arm("modelpruning", "l1", "1x1", unstructured, "no_rewind"),
+        Arm("ours", "magnitude", "1x1", unstructured, options=(("rewind", 0),)),
+    ]
     for criterion in [*sorted(CRITERIA), DECAY]:
         for pattern, target in PATTERN_TARGETS.items():
             arms.append(Arm("ours", criterion, pattern, target))
@@ -93,7 +100,9 @@ def quick_arms(inc: bool) -> list[Arm]:
     arms = [
         Arm("dense"),
         Arm("modelpruning", "l1", "1x1", 0.9),
+        Arm("modelpruning", "l1", "1x1", 0.9, "no_rewind"),
         Arm("ours", "magnitude", "1x1", 0.9),
+        Arm("ours", "magnitude", "1x1", 0.9, options=(("rewind", 0),)),
         Arm("ours", "snip_momentum", "2:4", 0.5),
         Arm("ours", "magnitude", "4x1", 0.8, "progressive"),
         Arm("ours", "snip_momentum", "channelx1", 0.5, "group_lasso"),
@@ -187,14 +196,16 @@ def modelpruning_amounts(schedule: Schedule, target: float) -> list[float]:
     return amounts
 
 
-def modelpruning_callback(layers: list[nn.Module], amounts: list[float]) -> ModelPruning:
-    """Lightning's global l1 ``ModelPruning`` on ``layers``, pruning ``amounts[epoch]`` at each epoch end."""
+def modelpruning_callback(layers: list[nn.Module], amounts: list[float], rewind: bool = True) -> ModelPruning:
+    """Lightning's global l1 ``ModelPruning`` on ``layers``, pruning ``amounts[epoch]`` at each epoch end,
+    rewinding to the initial weights after each (its default) unless ``rewind=False``."""
     return ModelPruning(
         "l1_unstructured",
         parameters_to_prune=[(layer, "weight") for layer in layers],
         amount=lambda epoch: amounts[epoch] if epoch < len(amounts) else 0.0,
         apply_pruning=lambda epoch: epoch < len(amounts),
         use_global_unstructured=True,
+        use_lottery_ticket_hypothesis=rewind,
         verbose=0,
     )
 
@@ -289,7 +300,7 @@ def run_arm(task: Task, arm: Arm, seed: int, root: str) -> Result:
     elif arm.method == "modelpruning":
         amounts = modelpruning_amounts(schedule, arm.target)
         recorder = EventRecorder(amounts)
-        callbacks += [modelpruning_callback(layers, amounts), recorder]
+        callbacks += [modelpruning_callback(layers, amounts, rewind=arm.variant != "no_rewind"), recorder]
     elif arm.method != "dense":
         raise ValueError(f"arm {arm.name!r}: method {arm.method!r} does not train in Lightning")
     sampler = ContinuingSampler(schedule.frequency)
