@@ -58,6 +58,22 @@ def broadcast_from_rank_zero(tensors: list[Tensor]) -> None:
         tensor.copy_(chunk.view(tensor.dtype).view(tensor.shape))
 
 
+def sum_across_ranks(tensors: list[Tensor]) -> None:
+    """Replace ``tensors`` on every rank by their sum over the ranks, one collective per dtype.
+
+    Calibration statistics (Wanda's sums of squares, SparseGPT's Hessians) are sums over the
+    batches each rank saw; adding them up gives every rank the statistics of all the batches.
+    """
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.all_reduce(flat)
+        for tensor, chunk in zip(same, torch.split(flat, [t.numel() for t in same]), strict=True):
+            tensor.copy_(chunk.view(tensor.shape))
+
+
 def tiling_error(pattern: Pattern, target: Target, max_sparsity: float = 1.0) -> str | None:
     """Why ``pattern`` cannot serve ``target`` in its layout, or ``None`` when it can.
 
@@ -314,13 +330,19 @@ class Pruner:
             with pruner.calibrating(), torch.no_grad():
                 for x, _ in calibration_loader:
                     model(x)
+
+        Under DDP every rank must enter it: on leaving, what the ranks gathered inside is summed
+        over them (one all-reduce), so that every rank scores from all ranks' batches.
         """
         criterion = self.options.criterion
         if not criterion.needs_activations:
             yield
             return
+        # This session's statistics, summed over the ranks before they join the state: a state
+        # already summed in an earlier session must not be counted once per rank.
+        session = [criterion.init_state(target) for target in self.targets]
         handles = [
-            target.module.register_forward_hook(self._observer(index))
+            target.module.register_forward_hook(self._observer(index, session[index]))
             for index, target in enumerate(self.targets)
         ]
         try:
@@ -328,9 +350,18 @@ class Pruner:
         finally:
             for handle in handles:
                 handle.remove()
+        gathered = [
+            (buffer, new) for buffer, new in zip(self.buffers, session, strict=True) if new is not None
+        ]
+        sum_across_ranks([new for _, new in gathered])
+        for buffer, new in gathered:
+            assert buffer is not None
+            buffer.add_(new)
 
-    def _observer(self, index: int) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
-        target, state = self.targets[index], self.buffers[index]
+    def _observer(
+        self, index: int, state: Tensor | None
+    ) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        target = self.targets[index]
 
         def observe(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             self.options.criterion.observe(state, target, inputs)
@@ -544,6 +575,24 @@ class Pruner:
         sizes = [m.numel() for m in self.masks]
         layer_sparsity = {t.name: c / n for t, c, n in zip(self.targets, counts, sizes, strict=True)}
         event = PruningEvent(self.step, sparsity, sum(counts) / sum(sizes), layer_sparsity)
+        self.events.append(event)
+        return event
+
+    @torch.no_grad()
+    def commit_masks(self, keeps: list[Tensor], sparsity: float) -> PruningEvent:
+        """Record an event whose masks were chosen elsewhere, by a criterion that ``reconstructs``
+        (SparseGPT) and has written the corrected weights itself.
+
+        Args:
+            keeps: per target, in its stored layout, ``False`` where a weight is pruned (masks
+                only grow: a weight pruned before stays pruned). Rank 0's are kept on every rank.
+            sparsity: the sparsity the event was asked for.
+        """
+        broadcast_from_rank_zero(keeps)
+        for mask, keep in zip(self.masks, keeps, strict=True):
+            mask.logical_and_(keep)
+        self.apply_masks()
+        event = PruningEvent(self.step, sparsity, self.sparsity, self.layer_sparsity())
         self.events.append(event)
         return event
 
