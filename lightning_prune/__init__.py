@@ -1,6 +1,7 @@
 """lightning_prune: prune a network while it trains, with a PyTorch Lightning callback."""
 
 from lightning_prune import export
+from lightning_prune.calibration import calibrate_and_prune, prune_once
 from lightning_prune.callback import PruningCallback
 from lightning_prune.config import PruningConfig
 from lightning_prune.criteria import (
@@ -11,6 +12,7 @@ from lightning_prune.criteria import (
     MovementCriterion,
     SnipCriterion,
     SnipMomentumCriterion,
+    WandaCriterion,
     register_criterion,
 )
 from lightning_prune.history import PruningHistory
@@ -21,6 +23,7 @@ from lightning_prune.pruner import Pruner, PruningEvent
 from lightning_prune.regularizers import GroupLasso, Regularizer
 from lightning_prune.report import LayerSparsity, SparsityReport, sparsity_report
 from lightning_prune.schedules import Schedule
+from lightning_prune.sparsegpt import SparseGPTCriterion
 
 __all__ = [
     "AccumulatingCriterion",
@@ -45,9 +48,13 @@ __all__ = [
     "Schedule",
     "SnipCriterion",
     "SnipMomentumCriterion",
+    "SparseGPTCriterion",
     "SparsityReport",
     "UnstructuredPattern",
+    "WandaCriterion",
+    "calibrate_and_prune",
     "export",
+    "prune_once",
     "register_criterion",
     "sparsity_report",
 ]

@@ -117,7 +117,8 @@ class ReconstructingCriterion(Criterion):
     exists at a time. The masks the Pruner keeps afterwards are the weights' new zeros.
     """
 
-    needs = frozenset({ACTIVATIONS})
+    # Its inputs are gathered by the one-shot routine, layer by layer, not by Pruner.calibrating().
+    needs = frozenset()
     reconstructs = True
 
     def init_state(self, target: Target) -> Tensor | None:
