@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from difflib import get_close_matches
 from pathlib import Path
@@ -34,6 +34,7 @@ from lightning_prune.lifecycle import (
     total_steps,
 )
 from lightning_prune.lightning_internals import validation_metric_names
+from lightning_prune.oneshot import check_one_shot, prune_from_calibration
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import Pattern
 from lightning_prune.progressive import Progressive
@@ -106,7 +107,9 @@ class PruningCallback(Callback):
             YAML read an unquoted ``2:4`` as the base-60 number 124.)
         criterion: how weights are scored: ``"magnitude"`` (|W|), ``"gradient"`` (|G|), ``"snip"``
             (|W*G|), ``"snip_momentum"`` (``S = 1.0*S + 0.9*|W*G|`` each step), ``"movement"``
-            (``S -= W*G`` each step), or a ``Criterion`` object such as
+            (``S -= W*G`` each step), ``"wanda"`` (|W| times its input's norm, from calibration
+            batches), ``"sparsegpt"`` (one-shot at step 0 only: masks and corrected weights from
+            calibration batches), or a ``Criterion`` object such as
             ``SnipMomentumCriterion(alpha=0.9, beta=1.0)``. Gradient criteria accumulate on every
             real optimizer step; an event due before a fit's first step (at step 0, or catching up
             on a run resumed without pruning state) scores on ``init_batches`` batches first.
@@ -145,6 +148,12 @@ class PruningCallback(Callback):
             ``None`` (default) keeps training from the pruned weights. Not after the first event.
         rewind_resample: with ``rewind``, draw the kept weights anew from each layer's
             initialization instead (``ModelPruning(resample_parameters=True)``).
+        calibration_batches: for a criterion that prunes from calibration data (``"wanda"``,
+            ``"sparsegpt"``), the batches its event before the first step runs through
+            ``training_step`` (no gradients, eval mode); ``None`` takes the criterion's
+            ``init_batches`` (128). Under DDP each rank takes its own and the statistics are summed.
+        calibration_data: where those batches come from: a DataLoader or any iterable of batches;
+            ``None`` is the fit's training loader.
         monitor: metrics to pair with the sparsity at every validation run, by the name they are
             logged under (``"val_acc"``, or a list); ``None`` takes every metric logged during
             validation, ``[]`` none. A near miss of a name logged in the sanity check's validation
@@ -187,6 +196,8 @@ class PruningCallback(Callback):
         regularizer_coeff: float | None = None,
         rewind: int | None = None,
         rewind_resample: bool = False,
+        calibration_batches: int | None = None,
+        calibration_data: Any = None,
         monitor: str | list[str] | None = None,
         save_report: bool = True,
         verbose: bool = True,
@@ -221,6 +232,16 @@ class PruningCallback(Callback):
         self.start_step = check_step_spec("start_step", start_step)
         self.end_step = check_step_spec("end_step", end_step)
         check_window(self.start_step, self.end_step)
+        check_one_shot(self.options.criterion, self.start_step, self.end_step)
+        self.calibration_batches = check_int(
+            "calibration_batches", calibration_batches, minimum=1, none_means="the criterion's init_batches"
+        )
+        if calibration_data is not None and not isinstance(calibration_data, Iterable):
+            raise ValueError(
+                f"calibration_data={calibration_data!r} must be a DataLoader or an iterable of batches, or "
+                "null for the training loader"
+            )
+        self.calibration_data = calibration_data
         self.frequency = check_int("frequency", frequency, minimum=1, none_means="about 20 events")
         self.sparsity_curve = check_curve(sparsity_curve)
         self.monitor = _check_monitor(monitor)
@@ -332,8 +353,14 @@ class PruningCallback(Callback):
         self._logged_events = len(pruner.events)
         if self.verbose:
             self._describe(pruner, origin)
-        if pruner.due_sparsity() is not None and self.options.criterion.needs:
-            score_at_init(trainer, pl_module, pruner)
+        criterion = self.options.criterion
+        if pruner.due_sparsity() is not None:
+            if criterion.needs_activations or criterion.reconstructs:  # Wanda, SparseGPT: prune here
+                prune_from_calibration(
+                    trainer, pl_module, pruner, self.calibration_batches, self.calibration_data
+                )
+            elif criterion.needs:
+                score_at_init(trainer, pl_module, pruner)
         for optimizer in trainer.optimizers:
             # Lightning's on_before_optimizer_step feeds gradient criteria: with a closure the
             # gradients only exist inside optimizer.step, after any pre-hook.

@@ -48,6 +48,9 @@ class PruningConfig:
     regularizer_coeff: float | None = None
     rewind: int | None = None
     rewind_resample: bool = False
+    calibration_batches: int | None = None
+    # A DataLoader or an iterable of batches (not expressible in YAML), checked by the callback.
+    calibration_data: Any = None
     # OmegaConf has no unions with containers: a name or a list of names, checked by the callback.
     monitor: Any = None
     save_report: bool = True

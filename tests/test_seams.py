@@ -206,6 +206,7 @@ LIGHTNING_SIDE = {
     "lifecycle",
     "lightning_internals",
     "messages",
+    "oneshot",
     "demo",
     "quiet",
     "__main__",
