@@ -148,6 +148,8 @@ class PruningCallback(Callback):
             ``None`` (default) keeps training from the pruned weights. Not after the first event.
         rewind_resample: with ``rewind``, draw the kept weights anew from each layer's
             initialization instead (``ModelPruning(resample_parameters=True)``).
+        rewind_events: which events rewind: ``"every"`` (default), ``"first"`` or ``"last"``
+            (retrain the final mask from the rewound weights).
         calibration_batches: for a criterion that prunes from calibration data (``"wanda"``,
             ``"sparsegpt"``), the batches its event before the first step runs through
             ``training_step`` (no gradients, eval mode); ``None`` takes the criterion's
@@ -196,6 +198,7 @@ class PruningCallback(Callback):
         regularizer_coeff: float | None = None,
         rewind: int | None = None,
         rewind_resample: bool = False,
+        rewind_events: str = "every",
         calibration_batches: int | None = None,
         calibration_data: Any = None,
         monitor: str | list[str] | None = None,
@@ -221,6 +224,7 @@ class PruningCallback(Callback):
             regularizer_coeff=regularizer_coeff,
             rewind=rewind,
             rewind_resample=rewind_resample,
+            rewind_events=rewind_events,
         )
         if name is not None and not (isinstance(name, str) and NAME.fullmatch(name)):
             raise ValueError(

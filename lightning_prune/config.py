@@ -48,6 +48,7 @@ class PruningConfig:
     regularizer_coeff: float | None = None
     rewind: int | None = None
     rewind_resample: bool = False
+    rewind_events: str = "every"
     calibration_batches: int | None = None
     # A DataLoader or an iterable of batches (not expressible in YAML), checked by the callback.
     calibration_data: Any = None

@@ -17,6 +17,7 @@ from lightning_prune.progressive import Progressive, check_progressive_pattern, 
 from lightning_prune.regularizers import Regularizer, parse_regularizer
 from lightning_prune.targets import DEFAULT_OP_TYPES, compile_patterns
 
+REWIND_EVENTS = ("every", "first", "last")
 SCOPES = ("global", "local", "row")
 
 
@@ -58,6 +59,9 @@ class PruningOptions:
             It must not come after the first event.
         rewind_resample: with ``rewind``, draw the kept weights anew from each layer's
             initialization (``reset_parameters``) instead of restoring the saved ones.
+        rewind_events: which events rewind: ``"every"`` (iterative magnitude pruning with
+            rewinding), ``"first"`` or ``"last"`` (retrain the final mask from the rewound weights,
+            as Renda et al. 2020 compare).
     """
 
     target_sparsity: float
@@ -75,6 +79,7 @@ class PruningOptions:
     regularizer: Regularizer | None
     rewind: int | None
     rewind_resample: bool
+    rewind_events: str
 
     def __init__(
         self,
@@ -94,6 +99,7 @@ class PruningOptions:
         regularizer_coeff: float | None = None,
         rewind: int | None = None,
         rewind_resample: bool = False,
+        rewind_events: str = "every",
     ) -> None:
         set_ = object.__setattr__  # frozen: normalised once, here
         set_(
@@ -138,6 +144,9 @@ class PruningOptions:
                 "rewind_resample=True resamples at each rewind, but rewind is null; set rewind=0 too"
             )
         set_(self, "rewind_resample", rewind_resample)
+        if rewind_events not in REWIND_EVENTS:
+            raise ValueError(f"rewind_events={rewind_events!r} is not one of {list(REWIND_EVENTS)}")
+        set_(self, "rewind_events", rewind_events)
         target = self.target_sparsity
         if not low <= target <= high:
             raise ValueError(
@@ -164,6 +173,7 @@ class PruningOptions:
             "regularizer": repr(self.regularizer),
             "rewind": repr(self.rewind),
             "rewind_resample": repr(self.rewind_resample),
+            "rewind_events": repr(self.rewind_events),
         }
 
 

@@ -204,7 +204,7 @@ class Pruner:
                 f"rewind={step} comes after the first pruning event (step {events[0]}): the weights to "
                 "rewind to would not exist yet; rewind to a step at or before it"
             )
-        rewind = Rewind(step, self.options.rewind_resample)
+        rewind = Rewind(step, self.options.rewind_resample, self.options.rewind_events)
         rewind.check_targets(self.targets)
         return rewind
 
@@ -562,7 +562,8 @@ class Pruner:
             self._advance_fade()  # the event's own step is the fade's first
         for buffer in self.buffers:
             self.options.criterion.after_event(buffer)
-        if self.rewind is not None:
+        last = self.step >= self.schedule.end_step
+        if self.rewind is not None and self.rewind.applies(first=not self.events, last=last):
             if not self.rewind.ready:
                 raise RuntimeError(
                     f"rewind={self.rewind.step}: the event at step {self.step} has no weights of step "

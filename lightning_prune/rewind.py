@@ -30,13 +30,21 @@ class Rewind:
         step: optimizer step whose weights (right after it) the kept weights return to; 0 is the
             weights before the first step.
         resample: draw the kept weights anew with each layer's ``reset_parameters`` instead.
+        events: which events rewind: ``"every"``, ``"first"`` or ``"last"``.
     """
 
-    def __init__(self, step: int, resample: bool = False) -> None:
+    def __init__(self, step: int, resample: bool = False, events: str = "every") -> None:
         self.step = step
         self.resample = resample
+        self.events = events
         #: The weights of ``step``, once taken (never with ``resample``).
         self.snapshot: list[Tensor] | None = None
+
+    def applies(self, *, first: bool, last: bool) -> bool:
+        """Whether the event at hand rewinds (``first``/``last``: it is the schedule's first/last)."""
+        return (
+            self.events == "every" or (self.events == "first" and first) or (self.events == "last" and last)
+        )
 
     @property
     def ready(self) -> bool:

@@ -62,6 +62,19 @@ def test_every_event_puts_the_kept_weights_back_to_the_same_step(rewind: int) ->
             assert not weight[~mask].any()
 
 
+@pytest.mark.parametrize(("events", "rewound"), [("first", [0]), ("last", [2]), ("every", [0, 1, 2])])
+def test_rewind_events_choose_which_events_rewind(events: str, rewound: list[int]) -> None:
+    model = _model()
+    initial = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    options = PruningOptions(target_sparsity=0.6, pattern="1x1", rewind=0, rewind_events=events)
+    after_events = _train(model, Pruner(model, Schedule(start_step=0, end_step=9, frequency=3), options), 12)
+    at_initial = [
+        all(torch.equal(w[m], i[m]) for (w, m), i in zip(weights, initial, strict=True))
+        for weights in after_events
+    ]
+    assert [index for index, back in enumerate(at_initial) if back] == rewound
+
+
 def test_rewinding_after_the_first_event_is_refused() -> None:
     with pytest.raises(ValueError, match=r"rewind=5 comes after the first pruning event \(step 3\)"):
         Pruner(_model(), Schedule(0, 9, 3), PruningOptions(rewind=5))
