@@ -79,6 +79,8 @@ def all_arms(inc: bool) -> list[Arm]:
         Arm("modelpruning", "l1", "1x1", unstructured),
         Arm("modelpruning", "l1", "1x1", unstructured, "no_rewind"),
         Arm("ours", "magnitude", "1x1", unstructured, options=(("rewind", 0),)),
+        Arm("ours", "magnitude", "1x1", unstructured, options=(("rewind", 0), ("rewind_events", "first"))),
+        Arm("ours", "magnitude", "1x1", unstructured, options=(("rewind", 0), ("rewind_events", "last"))),
     ]
     for criterion in [*sorted(CRITERIA), DECAY]:
         for pattern, target in PATTERN_TARGETS.items():
