@@ -31,6 +31,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_prune.criteria import ReconstructingCriterion
@@ -304,7 +305,9 @@ def _reconstruct_in_order(
             )
             keeps[index] = target.layout.from_standard(keep).contiguous() & keeps[index]
             # Rank 0's weights on every rank: the next layers' inputs then agree too.
-            broadcast_from_rank_zero([target.param.data, keeps[index]])
+            broadcast_from_rank_zero([keeps[index]])
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast(target.param.data, src=0)
             done += 1
             out, columns = keep.shape
             info(
