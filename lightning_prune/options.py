@@ -159,6 +159,7 @@ class PruningOptions:
                 f"{str(self.pattern)!r} can reach (1 - N/M); use target_sparsity <= {self.pattern.max_sparsity:g}"
             )
         self.criterion.check_options(self)  # what this criterion cannot be combined with
+        self.pattern.check_options(self)  # and this pattern (heads and units: no progressive, no lasso)
 
     def settings(self) -> dict[str, str]:
         """The options that decide which weights are pruned (not which layers are targets), as text."""

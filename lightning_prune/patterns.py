@@ -12,12 +12,15 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
 from lightning_prune.registry import Registry, build_strategy
+
+if TYPE_CHECKING:
+    from lightning_prune.options import PruningOptions
 
 REDUCTIONS: dict[str, Callable[[Tensor, tuple[int, ...]], Tensor]] = {
     "mean": lambda t, dims: t.mean(dim=dims),
@@ -73,6 +76,9 @@ class Pattern(ABC):
     def tiling_error(self, shape: torch.Size) -> str | None:
         """Why this pattern cannot tile a weight of ``shape``, or ``None`` when it can."""
         return None
+
+    def check_options(self, options: PruningOptions) -> None:  # noqa: B027 - optional, no-op by default
+        """Raise ``ValueError`` for options this pattern cannot serve (called when they are built)."""
 
     @abstractmethod
     def group_view(self, t: Tensor) -> Tensor:
