@@ -121,6 +121,30 @@ def _check_events(events: object, step: int) -> None:
         )
 
 
+def check_couplings(saved: object, current: Mapping[str, str]) -> None:
+    """Refuse a state whose coupled units (heads, FFN units: ``Pruner.coupled``) are not this run's.
+
+    Args:
+        saved: the state's ``couplings``: structure of each coupling by module name.
+        current: this run's, from :meth:`~lightning_prune.coupled.CoupledLayers.describe`.
+    """
+    if not isinstance(saved, Mapping):
+        raise ValueError(
+            f"pruning state: 'couplings' is {saved!r}, expected the heads/units of each layer "
+            f"({len(current)} in this run): the state was saved without a coupled pattern or edited"
+        )
+    differences = [
+        f"{name}: checkpoint {saved.get(name, '(none)')!r}, this run {current.get(name, '(none)')!r}"
+        for name in sorted(set(saved) | set(current))
+        if saved.get(name) != current.get(name)
+    ]
+    if differences:
+        raise ValueError(
+            f"the checkpoint's coupled units differ from this run's: {'; '.join(differences)}; resume with "
+            "the same model (heads, key/value heads, FFN widths) and include/exclude"
+        )
+
+
 def compare_settings(saved: Mapping[str, str], current: Mapping[str, str], what: str) -> None:
     """Refuse a resume whose ``current`` settings differ from the ``saved`` ones, naming each difference."""
     differences = [
