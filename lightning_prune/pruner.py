@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prune.coupled import CoupledLayers, CoupledPattern
 from lightning_prune.masking import OptimizerTargets, step_mask, zero_pruned
 from lightning_prune.messages import info, warn
 from lightning_prune.options import PruningOptions
@@ -32,7 +33,7 @@ from lightning_prune.patterns import Pattern
 from lightning_prune.progressive import Fade, plan_fade, resolve_steps
 from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import Schedule
-from lightning_prune.state import STATE_VERSION, check_header, check_state, compare_settings
+from lightning_prune.state import STATE_VERSION, check_couplings, check_header, check_state, compare_settings
 from lightning_prune.targets import Target, select_targets
 from lightning_prune.thresholds import LayerGroups, select_groups
 
@@ -162,6 +163,11 @@ class Pruner:
         self.targets = self._scorable(self.targets)
         if criterion.needs_gradients:
             self.targets = self._without_frozen(self.targets)
+        #: Heads or FFN units spanning several targets (a coupled pattern), or ``None``.
+        self.coupled: CoupledLayers | None = None
+        if isinstance(pattern, CoupledPattern):
+            self.coupled = pattern.couple(model, self.targets, self.left_out)
+            self.targets = self.coupled.targets
         self.masks: list[Tensor] = [torch.ones_like(t.param, dtype=torch.bool) for t in self.targets]
         # What the step hook multiplies by (see masking.py): the mask, or on CPU a 0/1 integer copy.
         self._step_masks: list[Tensor] = [
@@ -528,12 +534,17 @@ class Pruner:
                 warn(f"lightning_prune: {target.name} has NaN scores; those weights are pruned first")
                 score.masked_fill_(score.isnan(), float("-inf"))
             standard = target.layout.to_standard(score)  # patterns read (out, in, *kernel)
+            if self.coupled is not None:  # units span several targets: ranked per coupling below
+                scores.append((standard, standard.shape))
+                continue
             costs = pattern.group_costs(standard)
             rows = costs.shape[0] if costs.dim() > 1 else 1  # the "row" scope ranks each on its own
             layers.append(
                 LayerGroups(costs.flatten(), pattern.group_size(standard.shape), score.numel(), rows)
             )
             scores.append((standard, costs.shape))
+        if self.coupled is not None:
+            layers = self.coupled.layer_groups([standard for standard, _ in scores])
         return layers, scores
 
     def _commit(
@@ -541,10 +552,13 @@ class Pruner:
     ) -> PruningEvent:
         """Turn the selected groups into masks (or a fade), the same on every rank, and apply them."""
         pattern, progressive = self.options.pattern, self.progressive
-        keeps = [
-            ~pattern.pruned_elements(pruned.view(group_shape), score)
-            for (score, group_shape), pruned in zip(scores, selected, strict=True)
-        ]
+        if self.coupled is not None:  # one selection per coupling, one mask per member weight
+            keeps = self.coupled.keeps(selected, [score for score, _ in scores])
+        else:
+            keeps = [
+                ~pattern.pruned_elements(pruned.view(group_shape), score)
+                for (score, group_shape), pruned in zip(scores, selected, strict=True)
+            ]
         broadcast_from_rank_zero(keeps)
         stages, pruned_counts = [], []
         for target, mask, keep, (score, _) in zip(self.targets, self.masks, keeps, scores, strict=True):
@@ -655,6 +669,7 @@ class Pruner:
             "calibration_calls": self.calibration_calls,
             "fade": None if self.fade is None else self.fade.state_dict(names),
             "rewind": None if self.rewind is None else self.rewind.state_dict(names),
+            "couplings": None if self.coupled is None else self.coupled.describe(),
         }
 
     @torch.no_grad()
@@ -686,6 +701,9 @@ class Pruner:
                 "record its settings: only the targets and the pattern could be checked against this run"
             )
         check_state(state, names, [t.param.shape for t in self.targets], self.buffers)
+        if self.coupled is not None:
+            check_couplings(state.get("couplings"), self.coupled.describe())
+            self.coupled.check_masks([state["masks"][name] for name in names])
         for name, mask, buffer in zip(names, self.masks, self.buffers, strict=True):
             mask.copy_(state["masks"][name])
             if buffer is not None:
