@@ -186,12 +186,31 @@ def test_activation_used_twice_is_left_and_listed() -> None:
 
 
 def test_untraceable_forward_gives_a_clear_error() -> None:
-    class Branchy(MLP):
+    class Branchy(nn.Module):  # layer names no coupling recipe knows
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(16, 32), nn.Linear(32, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.second(self.first(x).relu()) if x.sum() > 0 else x[:, :8]
+
+    with pytest.raises(RuntimeError, match=r"could not trace Branchy\.forward with torch\.fx.*Nor did it find"):
+        slim(Branchy(), (torch.randn(2, 16),))
+
+
+def test_untraceable_forward_with_a_known_ffn_is_slimmed_by_module_structure() -> None:
+    class Branchy(MLP):  # fc1 -> act -> fc2: the "fc1, fc2" coupling recipe
         def forward(self, x: Tensor) -> Tensor:
             return self.fc2(self.act(self.fc1(x))) if x.sum() > 0 else x[:, :8]
 
-    with pytest.raises(RuntimeError, match=r"could not trace Branchy\.forward with torch\.fx"):
-        slim(Branchy(), (torch.randn(2, 16),))
+    model = seeded(Branchy())
+    with torch.no_grad():
+        model.fc2.weight[:, 5:20] = 0  # units 5..19 are read by nothing
+    x = torch.randn(3, 16).abs()
+    result = slim(model, (x,))
+    assert result.model.fc1.out_features == 17 and result.model.fc2.in_features == 17
+    assert "fc1" not in result.skipped and "not traced" not in str(result.chains)
+    same_outputs(model, result.model, x)
 
 
 def test_nothing_prunable_returns_an_unchanged_copy() -> None:

@@ -2,7 +2,7 @@
 (:func:`to_semi_structured`) and a plain state dict (:func:`strip`). See ``docs/export.md``."""
 
 from lightning_prune.export.attention import SlimMultiheadAttention
-from lightning_prune.export.load import load_slim_state_dict
+from lightning_prune.export.load import load_slim_pretrained, load_slim_state_dict
 from lightning_prune.export.semi_structured import (
     SemiStructuredResult,
     is_two_four,
@@ -18,6 +18,7 @@ __all__ = [
     "SlimResult",
     "SlimmedChain",
     "is_two_four",
+    "load_slim_pretrained",
     "load_slim_state_dict",
     "slim",
     "strip",

@@ -41,7 +41,9 @@ from lightning_prune.export.chains import (
     tensor_inputs,
     trace,
 )
+from lightning_prune.couplings import KINDS
 from lightning_prune.export.resize import replace_module, resized_layer, resized_norm
+from lightning_prune.export.structures import ShrunkStructure, shrink_structures, structure_sizes
 
 #: Largest allowed difference between the original's and the slim model's outputs, relative to
 #: ``1 + max |original output|``: summation order changes with the hidden size.
@@ -198,15 +200,43 @@ def slim(
     slimmed.eval()
     with torch.no_grad():
         reference = slimmed(*inputs) if check else None
-    findings = find_chains(slimmed, trace(slimmed))
+    try:
+        findings: GraphFindings | None = find_chains(slimmed, trace(slimmed))
+        untraced = None
+    except RuntimeError as error:  # Hugging Face models: module structure instead (structures.py)
+        findings, untraced = None, error
     params_before = _count(slimmed.parameters())
     result = SlimResult(slimmed, params_before=params_before)
     with torch.no_grad():
-        for chain in findings.chains:
+        for chain in [] if findings is None else findings.chains:
             result.chains.append(_shrink_chain(slimmed, chain, round_to))
-        for name in findings.attention:
+        for name in [] if findings is None else findings.attention:
             result.chains.append(_shrink_attention(slimmed, name, round_to))
-    result.skipped = _untouched(slimmed, findings, result.chains)
+        handled = {n for c in result.chains for n in c.layers} | {
+            f"{c.layers[0]}.out_proj" for c in result.chains if c.kind == "attention"
+        }
+        # A traced graph is the better judge of FFN chains (it sees every user of the hidden units);
+        # heads it cannot judge (reshapes), so those come from module structure either way.
+        kinds = KINDS if findings is None else ("head",)
+        structures = shrink_structures(slimmed, round_to, handled, kinds)
+    if findings is None and not structures.shrunk:
+        assert untraced is not None
+        raise RuntimeError(
+            f"{untraced} Nor did it find attention heads or FFN units by module structure (the recipes of "
+            "lightning_prune/couplings.py; register one for your modules with register_coupling)."
+        ) from untraced
+    result.chains.extend(_structure_chain(s) for s in structures.shrunk)
+    result.skipped = dict(structures.skipped)
+    covered = structures.layers
+    if findings is not None:
+        untouched = _untouched(slimmed, findings, result.chains)
+        result.skipped.update({k: v for k, v in untouched.items() if k not in covered})
+    else:
+        reason = (
+            f"not part of a head or FFN unit found by module structure; the rest of the model was not "
+            f"traced ({type(untraced.__cause__).__name__ if untraced is not None else ''})"
+        )
+        result.skipped.update(_zero_structure(slimmed, covered, reason))
     result.params_after = _count(slimmed.parameters())
     if check:
         with torch.no_grad():
@@ -492,6 +522,42 @@ def _untouched(root: nn.Module, findings: GraphFindings, chains: list[SlimmedCha
     return skipped
 
 
+def _structure_chain(shrunk: ShrunkStructure) -> SlimmedChain:
+    """A report line for a head group or FFN found by module structure."""
+    before, after, note = structure_sizes(shrunk)
+    coupling = shrunk.coupling
+    if coupling.kind == "head":
+        return SlimmedChain(
+            "attention", (coupling.name,), before, after, 0, shrunk.params_before, shrunk.params_after, note
+        )
+    return SlimmedChain(
+        "linear", shrunk.layers, before, after, 0, shrunk.params_before, shrunk.params_after, note,
+        max(1, len(shrunk.layers) - 1),
+    )  # fmt: skip
+
+
+def _zero_structure(root: nn.Module, covered: set[str], reason: str) -> dict[str, str]:
+    """Layers outside ``covered`` with zero output rows or input columns, each with ``reason``."""
+    from lightning_prune.layouts import prunable_weights
+
+    skipped = {}
+    for name, module in root.named_modules():
+        if name in covered:
+            continue
+        for param_name, layout in prunable_weights(module):
+            weight = getattr(module, param_name)
+            if not isinstance(weight, Tensor) or isinstance(module, nn.Embedding):
+                continue
+            standard = layout.to_standard(weight.detach())
+            rows, columns = int(_zero_slices(standard, 0).sum()), int(_zero_slices(standard, 1).sum())
+            if rows or columns:
+                skipped[name] = (
+                    f"{rows} of {standard.shape[0]} output and {columns} of {standard.shape[1]} input units "
+                    f"are zero but kept: {reason}"
+                )
+    return skipped
+
+
 def _leaves(value: Any) -> list[Any]:
     if isinstance(value, tuple | list):
         return [leaf for item in value for leaf in _leaves(item)]
@@ -510,6 +576,8 @@ def _compare(reference: Any, output: Any) -> float:
     worst = 0.0
     for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
         if not isinstance(want, Tensor):
+            if not isinstance(want, int | float | str | bool | type(None)):
+                continue  # a KV cache or another object: its tensors differ in shape once heads go
             if want != got:
                 raise RuntimeError(f"slim changed output value {index}: {want!r} -> {got!r}")
             continue
