@@ -16,6 +16,7 @@ from lightning_prune.criteria import (
     register_criterion,
 )
 from lightning_prune.history import PruningHistory
+from lightning_prune.oneshot import prune_lightning_module
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import BlockPattern, ChannelPattern, NMPattern, Pattern, UnstructuredPattern
 from lightning_prune.progressive import Progressive
@@ -54,6 +55,7 @@ __all__ = [
     "WandaCriterion",
     "calibrate_and_prune",
     "export",
+    "prune_lightning_module",
     "prune_once",
     "register_criterion",
     "sparsity_report",
