@@ -533,8 +533,12 @@ class PruningCallback(Callback):
         if self.pruner is None or not (self.verbose or self.save_report):
             return
         report = self.layer_report(pl_module)
+        coupled = self.pruner.coupled  # heads and FFN units: named per layer
+        units = None if coupled is None else coupled.report(self.pruner.masks)
         if self.verbose:
             rank_zero_info(f"\n{report}")
+            if units is not None:
+                rank_zero_info(str(units))
         if not self.save_report:
             return
         folder = Path(trainer.log_dir or trainer.default_root_dir) / self._prefix  # log_dir: every rank
@@ -542,6 +546,8 @@ class PruningCallback(Callback):
             return
         self.history.to_csv(str(folder / "curve.csv"))
         report.to_csv(str(folder / "layers.csv"))
+        if units is not None:
+            units.to_csv(str(folder / "units.csv"))
         # The module's class alone does not tell two architectures of one LightningModule apart.
         pruned = sum(t.param.numel() for t in self.pruner.targets)
         title = (
