@@ -24,7 +24,8 @@ test: install
 	$(PYTHON) -m pytest -q
 
 # The suite without the tests marked slow, ddp, subprocess or bench (pyproject.toml): under a minute.
-test-fast: install
+# It skips install's check (10 s of imports): run make test or make install once first.
+test-fast:
 	$(PYTHON) -m pytest -q -m "not slow and not ddp and not subprocess and not bench"
 
 lint: install

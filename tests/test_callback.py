@@ -166,6 +166,7 @@ def test_events_are_logged_to_the_trainer_loggers(tmp_path: Path) -> None:
     assert trainer.progress_bar_metrics["sparsity"] == pytest.approx(pruning.pruner.sparsity)
 
 
+@pytest.mark.slow
 def test_plain_pytorch_loop_without_lightning() -> None:
     from lightning_prune import Pruner, PruningOptions, Schedule
 

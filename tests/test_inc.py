@@ -131,6 +131,7 @@ def test_yaml_and_the_classmethod_read_the_same() -> None:
 
 
 # --------------------------------------------------------------------------- several groups in one run
+@pytest.mark.slow
 def test_two_entries_prune_two_groups_in_one_run_each_with_its_own_state(tmp_path: Path) -> None:
     config = {
         "pruning_type": "magnitude",

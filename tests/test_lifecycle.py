@@ -265,6 +265,7 @@ def test_tampered_or_foreign_state_is_refused_naming_the_layer_or_key(
     assert all(torch.equal(a, b) for a, b in zip(masks_before, pruner.masks, strict=True)), "nothing applied"
 
 
+@pytest.mark.slow
 def test_state_saved_before_a_checkpoint_step_it_cannot_have_reached_is_refused(tmp_path: Path) -> None:
     fit(tmp_path / "a", max_epochs=2)
     checkpoint = tmp_path / "a" / "epoch=1.ckpt"
@@ -337,6 +338,7 @@ class TwoOptimizers(pl.LightningModule):
         return torch.optim.Adam(self.a.parameters(), 1e-2), torch.optim.Adam(self.b.parameters(), 1e-2)
 
 
+@pytest.mark.slow
 def test_default_window_under_manual_optimization_counts_every_optimizer() -> None:
     pruning = PruningCallback(target_sparsity=0.8, pattern="1x1", verbose=False)
     trainer = make_trainer([pruning], max_epochs=2)

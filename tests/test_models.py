@@ -119,6 +119,7 @@ def unique_weights(model: nn.Module) -> dict[int, Tensor]:
     return {id(p): p for p in model.parameters() if p.dim() >= 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DEFAULT_TARGETS))
 def test_defaults_prune_the_block_layers_and_report_what_is_left_out(name: str) -> None:
     build, regex, count = DEFAULT_TARGETS[name]

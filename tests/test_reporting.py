@@ -248,6 +248,7 @@ def test_sparsity_report_of_an_empty_model_is_zero() -> None:
 
 
 # --------------------------------------------------------------------------- progress messages
+@pytest.mark.slow
 def test_long_events_report_progress_through_rank_zero_info(
     monkeypatch: pytest.MonkeyPatch, messages: list[str]
 ) -> None:

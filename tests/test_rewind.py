@@ -102,6 +102,7 @@ def test_resample_needs_layers_that_can_reset() -> None:
         Pruner(model, Schedule(1, 1), PruningOptions(op_types=["Bare"], rewind=0, rewind_resample=True))
 
 
+@pytest.mark.slow
 def test_a_rewinding_run_resumes_exactly(tmp_path: Path) -> None:
     settings = {"rewind": 0, "end_step": 30, "frequency": 10}
     straight, _, _ = fit_resumable(tmp_path / "straight", max_epochs=4, **settings)
@@ -113,6 +114,7 @@ def test_a_rewinding_run_resumes_exactly(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_modelpruning_rewinds_only_at_its_first_event() -> None:
     # Lightning 2.6's ModelPruning assigns the saved tensor to weight_orig.data, so the two share
     # storage: training then moves the "original" too, and later rewinds restore the current values.

@@ -281,6 +281,7 @@ def assert_fit_raises(
 
 
 # The demo MLP's Linear layers are net.1 (256x64), net.3 (256x256) and the head net.5 (10x256).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kwargs", "parts"),
     [
