@@ -280,8 +280,13 @@ def arm_callbacks(arm: str, module: BenchModule) -> list[Callback]:
         return []
     if arm in ("ours", "ours_float_mask"):
         return [
-            PruningCallback(
-                target_sparsity=TARGET_SPARSITY, pattern="1x1", start_step=0, end_step=0, verbose=False
+            PruningCallback(  # no report: a benchmark's fits write nothing where it runs
+                target_sparsity=TARGET_SPARSITY,
+                pattern="1x1",
+                start_step=0,
+                end_step=0,
+                verbose=False,
+                save_report=False,
             )
         ]
     if arm == "ours_snip_momentum":
@@ -290,6 +295,7 @@ def arm_callbacks(arm: str, module: BenchModule) -> list[Callback]:
                 target_sparsity=TARGET_SPARSITY,
                 pattern="1x1",
                 criterion="snip_momentum",
+                save_report=False,
                 start_step=SNIP_EVENT_STEP,
                 end_step=SNIP_EVENT_STEP,
                 verbose=False,
