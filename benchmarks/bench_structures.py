@@ -24,8 +24,8 @@ The section is printed and written to runs/benchmarks/bench_structures/RESULTS.m
 from __future__ import annotations
 
 import argparse
-import itertools
 import copy
+import itertools
 import os
 import platform
 import random
