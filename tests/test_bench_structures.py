@@ -37,6 +37,8 @@ def test_bench_structures_quick_writes_only_its_section(tmp_path: Path) -> None:
     for level, kept in (("25%", "2h/96"), ("50%", "1h/64")):
         assert f"| {level} | ours: head+ffn, local, magnitude |" in section
         assert f"| {kept} |" in section
-    torch_pruning = [line for line in section.splitlines() if "Torch-Pruning" in line and line.startswith("|")]
+    torch_pruning = [
+        line for line in section.splitlines() if "Torch-Pruning" in line and line.startswith("|")
+    ]
     assert len(torch_pruning) == 2  # run, or a row that says why not
     assert [p.name for p in tmp_path.iterdir()] == ["RESULTS.md"], "no temporary file left behind"
