@@ -194,7 +194,9 @@ def test_untraceable_forward_gives_a_clear_error() -> None:
         def forward(self, x: Tensor) -> Tensor:
             return self.second(self.first(x).relu()) if x.sum() > 0 else x[:, :8]
 
-    with pytest.raises(RuntimeError, match=r"could not trace Branchy\.forward with torch\.fx.*Nor did it find"):
+    with pytest.raises(
+        RuntimeError, match=r"could not trace Branchy\.forward with torch\.fx.*Nor did it find"
+    ):
         slim(Branchy(), (torch.randn(2, 16),))
 
 
