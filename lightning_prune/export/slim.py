@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from lightning_prune.couplings import KINDS
 from lightning_prune.export.attention import SlimMultiheadAttention
 from lightning_prune.export.chains import (
     CONVS,
@@ -41,7 +42,6 @@ from lightning_prune.export.chains import (
     tensor_inputs,
     trace,
 )
-from lightning_prune.couplings import KINDS
 from lightning_prune.export.resize import replace_module, resized_layer, resized_norm
 from lightning_prune.export.structures import ShrunkStructure, shrink_structures, structure_sizes
 
