@@ -21,16 +21,18 @@ from lightning_prune.pruner import Pruner
 
 
 def check_one_shot(criterion: Criterion, start_step: object, end_step: object) -> None:
-    """Refuse a criterion that reconstructs (SparseGPT) on a schedule other than one-shot at step 0.
+    """Refuse a criterion that prunes from calibration data (Wanda, SparseGPT) on a schedule other
+    than one-shot at step 0: the callback calibrates only before the first step.
 
     Raises:
         ValueError: naming the criterion, the steps given and the ones accepted.
     """
-    if criterion.reconstructs and (start_step not in (None, 0) or end_step != 0):
+    calibrates = criterion.needs_activations or criterion.reconstructs
+    if calibrates and (start_step not in (None, 0) or end_step != 0):
         raise ValueError(
-            f"criterion {criterion.name!r} prunes once, before training, from calibration batches and "
-            f"corrects the weights itself: set start_step=0 and end_step=0 (got start_step={start_step!r}, "
-            f"end_step={end_step!r}); fine-tuning follows with the masks held"
+            f"criterion {criterion.name!r} prunes once, before training, from calibration batches: set "
+            f"start_step=0 and end_step=0 (got start_step={start_step!r}, end_step={end_step!r}); "
+            "fine-tuning follows with the masks held"
         )
 
 

@@ -93,15 +93,17 @@ def test_wanda_calibrates_on_the_given_loader_not_the_training_one() -> None:
 
 def test_the_callback_refuses_bad_calibration_settings_before_training() -> None:
     with pytest.raises(ValueError, match=r"calibration_batches=0 must be an int >= 1"):
-        PruningCallback(criterion="wanda", calibration_batches=0)
+        PruningCallback(criterion="wanda", start_step=0, end_step=0, calibration_batches=0)
     with pytest.raises(ValueError, match=r"calibration_data=3 must be a DataLoader or an iterable"):
-        PruningCallback(criterion="wanda", calibration_data=3)
+        PruningCallback(criterion="wanda", start_step=0, end_step=0, calibration_data=3)
     with pytest.raises(
         ValueError, match=r"set start_step=0 and end_step=0 \(got start_step=10, end_step=10\)"
     ):
         PruningCallback(criterion="sparsegpt", pattern="1x1", start_step=10, end_step=10)
     with pytest.raises(ValueError, match=r"'sparsegpt'.*start_step=0 and end_step=0.*end_step=None"):
         PruningCallback(criterion="sparsegpt", pattern="2:4", target_sparsity=0.5)
+    with pytest.raises(ValueError, match=r"'wanda' prunes once, before training.*end_step=0.9"):
+        PruningCallback(criterion="wanda", pattern="1x1", end_step=0.9)  # it would find no data mid-run
 
 
 class TinyData(pl.LightningDataModule):
