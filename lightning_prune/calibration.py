@@ -129,7 +129,7 @@ def calibrate_and_prune(
     if sparsity is None:
         return None
     criterion = pruner.options.criterion
-    calibrates = criterion.needs_activations or criterion.reconstructs
+    calibrates = criterion.calibrates
     if calibrates and not batches:
         raise ValueError(
             f"criterion {criterion.name!r} prunes from calibration data, but no calibration batch was given"
@@ -160,7 +160,7 @@ def calibrate_and_prune(
 def calibration_count(pruner: Pruner, calibration_batches: int | None) -> int:
     """How many batches to calibrate on: ``calibration_batches``, else the criterion's ``init_batches``."""
     criterion = pruner.options.criterion
-    if not (criterion.needs_activations or criterion.reconstructs):
+    if not criterion.calibrates:
         return 0
     if calibration_batches is None:
         return int(getattr(criterion, "init_batches", 128))

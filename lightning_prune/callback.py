@@ -359,7 +359,7 @@ class PruningCallback(Callback):
             self._describe(pruner, origin)
         criterion = self.options.criterion
         if pruner.due_sparsity() is not None:
-            if criterion.needs_activations or criterion.reconstructs:  # Wanda, SparseGPT: prune here
+            if criterion.calibrates:  # Wanda, SparseGPT: prune here, from calibration batches
                 prune_from_calibration(
                     trainer, pl_module, pruner, self.calibration_batches, self.calibration_data
                 )

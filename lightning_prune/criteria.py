@@ -67,6 +67,11 @@ class Criterion(ValueObject, ABC):
         """Whether :meth:`observe` must see layer inputs while the Pruner calibrates."""
         return ACTIVATIONS in self.needs
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether it prunes once from calibration data (Wanda, SparseGPT) rather than while training."""
+        return self.needs_activations or self.reconstructs
+
     def supports(self, target: Target) -> str | None:
         """Why ``target`` cannot be scored by this criterion (it is then left dense), or ``None``."""
         return None

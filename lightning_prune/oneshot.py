@@ -27,7 +27,7 @@ def check_one_shot(criterion: Criterion, start_step: object, end_step: object) -
     Raises:
         ValueError: naming the criterion, the steps given and the ones accepted.
     """
-    calibrates = criterion.needs_activations or criterion.reconstructs
+    calibrates = criterion.calibrates
     if calibrates and (start_step not in (None, 0) or end_step != 0):
         raise ValueError(
             f"criterion {criterion.name!r} prunes once, before training, from calibration batches: set "

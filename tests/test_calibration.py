@@ -139,3 +139,11 @@ def test_magnitude_needs_no_data_and_gradient_criteria_are_refused() -> None:
         prune_once(model, None, PruningOptions(), pattern="1x1")
     with pytest.raises(ValueError, match=r"'wanda' prunes from calibration data, but no calibration batch"):
         prune_once(model, [], criterion="wanda")
+
+
+def test_which_registered_criteria_prune_from_calibration_data() -> None:
+    from lightning_prune.criteria import CRITERIA
+
+    calibrating = {name for name in CRITERIA if CRITERIA[name].calibrates}
+    assert {"wanda", "sparsegpt"} <= calibrating
+    assert not calibrating & {"magnitude", "gradient", "snip", "snip_momentum", "movement"}
