@@ -298,3 +298,18 @@ def test_callback_prunes_heads_and_reports_them_per_layer(tmp_path: Path, messag
     rows = (Path(trainer.log_dir or tmp_path) / "pruning" / "units.csv").read_text().splitlines()
     assert rows[0] == "name,kind,units,pruned,heads_per_unit,pruned_units" and len(rows) == 5
     assert any(row.startswith("model.model.layers.0.self_attn,head,2,1,2,") for row in rows)
+
+
+def test_coupled_masks_go_through_the_rank_zero_broadcast(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under DDP every rank takes rank 0's masks: the coupled keeps are what is broadcast, per target.
+    import lightning_prune.pruner as pruner_module
+
+    sent: list[list[Tensor]] = []
+    real = pruner_module.broadcast_from_rank_zero
+    monkeypatch.setattr(pruner_module, "broadcast_from_rank_zero", lambda ts: (sent.append(ts), real(ts)))
+    torch.manual_seed(0)
+    pruner = prune(llama(), "head", 0.5, scope="local")
+    keeps = sent[0]
+    assert len(keeps) == len(pruner.targets) == 8
+    for target, keep, mask in zip(pruner.targets, keeps, pruner.masks, strict=True):
+        assert torch.equal(target.layout.from_standard(keep), mask), target.name
