@@ -196,7 +196,8 @@ def run_size(
         for p in patterns
     }
     targets = pruners[patterns[0]].targets
-    originals = [t.param.detach().clone() for t in targets]
+    with torch.no_grad():  # each distribution's weights, made once (a copy per event is cheap)
+        by_dist = {d: [distribute(t.param.detach(), d, seed=1) for t in targets] for d in dists}
     count = sum(t.param.numel() for t in targets)
     swap = load_baseline(baseline) if baseline else None
     arms = ["after", "before"] if swap else ["after"]
@@ -224,9 +225,9 @@ def run_size(
                 continue
             pruner = pruners[pattern]
             with torch.no_grad():
-                for mask, target, original in zip(pruner.masks, pruner.targets, originals, strict=True):
+                for mask, target, weights in zip(pruner.masks, pruner.targets, by_dist[dist], strict=True):
                     mask.fill_(True)
-                    target.param.copy_(distribute(original, dist, seed=1))
+                    target.param.copy_(weights)
             with contextlib.ExitStack() as stack:
                 if arm == "before":
                     stack.enter_context(swap())  # type: ignore[misc]
