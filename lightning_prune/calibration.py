@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_prune.checks import check_int
 from lightning_prune.criteria import ReconstructingCriterion
 from lightning_prune.messages import info
 from lightning_prune.options import PruningOptions
@@ -160,17 +161,12 @@ def calibrate_and_prune(
 def calibration_count(pruner: Pruner, calibration_batches: int | None) -> int:
     """How many batches to calibrate on: ``calibration_batches``, else the criterion's ``init_batches``."""
     criterion = pruner.options.criterion
+    count = check_int(
+        "calibration_batches", calibration_batches, minimum=1, none_means="the criterion's init_batches"
+    )
     if not criterion.calibrates:
         return 0
-    if calibration_batches is None:
-        return int(getattr(criterion, "init_batches", 128))
-    if (
-        isinstance(calibration_batches, bool)
-        or not isinstance(calibration_batches, int)
-        or calibration_batches < 1
-    ):
-        raise ValueError(f"calibration_batches={calibration_batches!r} must be an int >= 1 or null")
-    return calibration_batches
+    return int(getattr(criterion, "init_batches", 128)) if count is None else count
 
 
 def take_batches(data: Iterable[Any], count: int) -> list[Any]:

@@ -139,6 +139,8 @@ def test_magnitude_needs_no_data_and_gradient_criteria_are_refused() -> None:
         prune_once(model, None, PruningOptions(), pattern="1x1")
     with pytest.raises(ValueError, match=r"'wanda' prunes from calibration data, but no calibration batch"):
         prune_once(model, [], criterion="wanda")
+    with pytest.raises(ValueError, match=r"calibration_batches=0 must be an int >= 1"):
+        prune_once(model, [torch.randn(2, 8)], criterion="wanda", calibration_batches=0)
 
 
 def test_which_registered_criteria_prune_from_calibration_data() -> None:
