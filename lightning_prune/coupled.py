@@ -38,6 +38,7 @@ from lightning_prune.couplings import (
     unit_view,
 )
 from lightning_prune.files import write_atomically
+from lightning_prune.messages import warn
 from lightning_prune.patterns import PATTERNS, Pattern
 from lightning_prune.targets import Target
 from lightning_prune.thresholds import LayerGroups
@@ -132,6 +133,16 @@ class CoupledPattern(Pattern):
                 f"found but not selected: {dropped or 'none'}{refused}. Built-in recipes know class names "
                 f"{sorted(CLASS_RECIPES)} and the attribute shapes {sorted(SHAPE_RECIPES)}; "
                 "declare your own with lightning_prune.couplings.register_coupling (docs/extending.md)"
+            )
+        partial = {
+            c.name: dropped[c.name]
+            for c in found.couplings
+            if c.name in dropped and any(id(_member_param(m)) in by_param for m in c.members)
+        }
+        if partial:  # some of its weights were selected: the user may expect them pruned
+            warn(
+                f"lightning_prune: pattern {str(self)!r} leaves {len(partial)} structure(s) dense because not all "
+                f"of their weights are targets: {partial}"
             )
         used = {id(_member_param(m)) for c in kept for m in c.members}
         members = [t for t in targets if id(t.param) in used]

@@ -313,3 +313,19 @@ def test_coupled_masks_go_through_the_rank_zero_broadcast(monkeypatch: pytest.Mo
     assert len(keeps) == len(pruner.targets) == 8
     for target, keep, mask in zip(pruner.targets, keeps, pruner.masks, strict=True):
         assert torch.equal(target.layout.from_standard(keep), mask), target.name
+
+
+def test_a_structure_only_partly_selected_is_left_dense_with_a_warning() -> None:
+    model = llama()
+    with pytest.warns(
+        UserWarning,
+        match=r"leaves 1 structure\(s\) dense.*model\.layers\.1\.self_attn.*o_proj is not a target",
+    ):
+        pruner = prune(model, "head", 0.5, exclude=r"layers\.1\.self_attn\.o_proj$")
+    assert [c.name for c in pruner.coupled.couplings] == ["model.layers.0.self_attn"]  # type: ignore[union-attr]
+    assert not bool(model.model.layers[1].self_attn.q_proj.weight.eq(0).any())
+
+
+def test_intel_neural_compressor_configs_name_heads_mha() -> None:
+    (callback,) = PruningCallback.from_inc_config({"pattern": "mha", "target_sparsity": 0.5})
+    assert isinstance(callback.options.pattern, CoupledPattern) and str(callback.options.pattern) == "head"
