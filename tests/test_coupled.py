@@ -329,3 +329,29 @@ def test_a_structure_only_partly_selected_is_left_dense_with_a_warning() -> None
 def test_intel_neural_compressor_configs_name_heads_mha() -> None:
     (callback,) = PruningCallback.from_inc_config({"pattern": "mha", "target_sparsity": 0.5})
     assert isinstance(callback.options.pattern, CoupledPattern) and str(callback.options.pattern) == "head"
+
+
+def _fit_llama(folder: Path, max_epochs: int, ckpt_path: Path | None = None) -> TinyLlamaLM:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    module = TinyLlamaLM()
+    pruning = PruningCallback(
+        target_sparsity=0.5, pattern="head+ffn", start_step=0, end_step=6, frequency=2, verbose=False
+    )
+    checkpoints = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    ids = torch.randint(0, 128, (16, 8), generator=torch.Generator().manual_seed(0))
+    trainer = make_trainer([pruning, checkpoints], max_epochs=max_epochs, enable_checkpointing=True)
+    trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=4), ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.slow
+def test_a_run_resumed_mid_schedule_ends_with_the_same_heads_and_weights(tmp_path: Path) -> None:
+    straight = _fit_llama(tmp_path / "straight", max_epochs=2)
+    _fit_llama(tmp_path / "stopped", max_epochs=1)  # 4 steps: events at 2 and 4 done, 6 to come
+    resumed = _fit_llama(tmp_path / "resumed", max_epochs=2, ckpt_path=tmp_path / "stopped" / "epoch=0.ckpt")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    down = straight.model.model.layers[0].mlp.down_proj.weight
+    assert 0 < int(down.eq(0).all(0).sum()) < 128  # units were pruned, whole
