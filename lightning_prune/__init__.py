@@ -4,6 +4,7 @@ from lightning_prune import export
 from lightning_prune.calibration import calibrate_and_prune, prune_once
 from lightning_prune.callback import PruningCallback
 from lightning_prune.config import PruningConfig
+from lightning_prune.coupled import CoupledPattern
 from lightning_prune.criteria import (
     AccumulatingCriterion,
     Criterion,
@@ -30,6 +31,7 @@ __all__ = [
     "AccumulatingCriterion",
     "BlockPattern",
     "ChannelPattern",
+    "CoupledPattern",
     "Criterion",
     "GradientCriterion",
     "GroupLasso",
