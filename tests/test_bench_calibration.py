@@ -37,5 +37,6 @@ def test_bench_calibration_quick_writes_only_its_section(tmp_path: Path) -> None
     assert "| 50% unstructured | wanda | each layer |" in section
     assert section.count("| 50.0% |") >= 6, "every arm pruned exactly half"
     assert "- 2:4: SparseGPT" in section
+    assert "its median (median over the 7 layers" in section, "the input-norm spread Wanda relies on"
     assert "torchao" in section  # peer rows, or the reason there are none
     assert [p.name for p in tmp_path.iterdir()] == ["RESULTS.md"], "no temporary file left behind"
