@@ -15,6 +15,10 @@ block of ``block_size`` columns the weights with the lowest ``w^2 / U_jj^2`` ove
 are pruned, using the weights as corrected so far; for N:M, in each group of M columns the M - N
 lowest of every row. Before the pass, ``H`` gets ``dampening * mean(diag(H))`` added to its
 diagonal, and inputs that were always zero are pruned first.
+
+Memory: the layer's statistic ``H`` and, while it is solved, a copy, its Cholesky factor and the
+factor of its inverse: four ``in_features^2`` float32 tensors of one layer, plus a float32 copy of
+its weight.
 """
 
 from __future__ import annotations
