@@ -12,9 +12,10 @@ stdlib's source, same model, batches, Adam and steps), pruned during training to
 heads and FFN units in every block, by ours (``pattern="head+ffn"``, local scope, magnitude, the
 callback's default window and exp curve) and by Torch-Pruning's ``MetaPruner`` with
 ``GroupMagnitudeImportance`` (p=2), ``prune_num_heads=True``, ``prune_head_dims=False``, pruning at
-the same steps to the same per-event ratios. Validation loss on held-out files, lower is better.
+the same steps to the same per-event ratios. Validation loss on held-out files, lower is better;
+seeds 0, 1 and 2 (initialisation and batch order).
 
-    python benchmarks/bench_structures.py --threads 1     # about 10 minutes on 2 CPU cores
+    python benchmarks/bench_structures.py --threads 1     # about 12 minutes on 2 CPU cores
     python benchmarks/bench_structures.py --quick         # seconds, for a smoke test
 
 The section is printed and written to runs/benchmarks/bench_structures/RESULTS.md;
@@ -193,8 +194,8 @@ def _task_attention(module: nn.Module) -> list[Any]:
     return [heads(module.q, module.k, module.v, module.out, head_dim=module.head_dim)]
 
 
-def build(task: GptTask) -> nn.Module:
-    torch.manual_seed(0)
+def build(task: GptTask, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     net = task.build()
     for module in net.modules():
         if isinstance(module, CausalSelfAttention):
@@ -231,8 +232,8 @@ def widths(net: nn.Module) -> str:
     return ", ".join(shown)
 
 
-def ours(task: GptTask, level: float, schedule: Schedule) -> tuple[float, str, int]:
-    net = build(task)
+def ours(task: GptTask, level: float, schedule: Schedule, seed: int) -> tuple[float, str, int]:
+    net = build(task, seed)
     pruner = Pruner(net, schedule, PruningOptions(target_sparsity=level, pattern="head+ffn", scope="local"))
     metrics = train(task, net, on_optimizer=pruner.attach)  # the Pruner counts steps, prunes on schedule
     pruner.detach()
@@ -240,12 +241,12 @@ def ours(task: GptTask, level: float, schedule: Schedule) -> tuple[float, str, i
     return metrics["val_loss"], widths(small), count(small)
 
 
-def torch_pruning(task: GptTask, level: float, schedule: Schedule) -> tuple[float, str, int] | str:
+def torch_pruning(task: GptTask, level: float, schedule: Schedule, seed: int) -> tuple[float, str, int] | str:
     try:
         import torch_pruning as tp
     except ImportError as error:
         return f"not run: {error} (pip install --no-deps torch-pruning)"
-    net = build(task)
+    net = build(task, seed)
     example = task.batch(0)[0][:2]
     events = schedule.event_steps()
     ratios = [schedule.sparsity_at(step, level) for step in events]
@@ -284,33 +285,47 @@ def torch_pruning(task: GptTask, level: float, schedule: Schedule) -> tuple[floa
     return metrics["val_loss"], widths(net), count(net)
 
 
-def quality(sizes: Sizes) -> list[str]:
-    task = GptTask(0, sizes.gpt)
-    schedule = resolve_schedule(None, None, None, "exp", task.steps)
-    dense = build(task)
-    dense_loss = train(task, dense)["val_loss"]
+def quality(sizes: Sizes, seeds: list[int]) -> list[str]:
+    """Validation loss per seed (batch order and initialisation), and the change vs dense of each."""
+    methods = (
+        ("ours: head+ffn, local, magnitude", ours),
+        ("Torch-Pruning MetaPruner, group magnitude", torch_pruning),
+    )
+    dense_losses: list[float] = []
+    rows: dict[tuple[float, str], list[tuple[float, str, int] | str]] = {}
+    for seed in seeds:
+        task = GptTask(seed, sizes.gpt)
+        schedule = resolve_schedule(None, None, None, "exp", task.steps)
+        dense = build(task, seed)
+        dense_losses.append(train(task, dense)["val_loss"])
+        for level in LEVELS:
+            for method, run in methods:
+                rows.setdefault((level, method), []).append(run(task, level, schedule, seed))
+    shown = ", ".join(map(str, seeds))
     lines = [
         f"Task: {task.description}. Schedule: events at steps {schedule.start_step}-{schedule.end_step} every "
-        f"{schedule.frequency} ({len(schedule.event_steps())} events, exp curve), the callback's default window.",
+        f"{schedule.frequency} ({len(schedule.event_steps())} events, exp curve), the callback's default window. "
+        f"Seeds {shown} (initialisation and batch order).",
         "",
-        f"Dense: val loss {dense_loss:.4f}, {count(dense):,} parameters, {widths(dense)} (heads/FFN units per block).",
+        f"Dense: val loss {', '.join(f'{v:.4f}' for v in dense_losses)} (seeds {shown}), {count(dense):,} "
+        f"parameters, {widths(dense)} (heads/FFN units per block).",
         "",
-        "| removed (heads and FFN units, every block) | method | val loss | change vs dense | kept per block (heads/units) | params |",
-        "|---|---|---:|---:|---|---:|",
+        f"| removed (heads and FFN units, every block) | method | val loss (seeds {shown}) | change vs dense | "
+        "median change | kept per block (heads/units) | params |",
+        "|---|---|---|---|---:|---|---:|",
     ]
-    for level in LEVELS:
-        for method, run in (
-            ("ours: head+ffn, local, magnitude", ours),
-            ("Torch-Pruning MetaPruner, group magnitude", torch_pruning),
-        ):
-            result = run(task, level, schedule)
-            if isinstance(result, str):
-                lines.append(f"| {level:.0%} | {method} | {result} | | | |")
-                continue
-            loss, kept, params = result
-            lines.append(
-                f"| {level:.0%} | {method} | {loss:.4f} | {(loss - dense_loss) / dense_loss:+.2%} | {kept} | {params:,} |"
-            )
+    for (level, method), results in rows.items():
+        failed = [r for r in results if isinstance(r, str)]
+        if failed:
+            lines.append(f"| {level:.0%} | {method} | {failed[0]} | | | | |")
+            continue
+        runs = [r for r in results if not isinstance(r, str)]
+        changes = [(loss - d) / d for (loss, _, _), d in zip(runs, dense_losses, strict=True)]
+        lines.append(
+            f"| {level:.0%} | {method} | {', '.join(f'{loss:.4f}' for loss, _, _ in runs)} | "
+            f"{', '.join(f'{c:+.2%}' for c in changes)} | {statistics.median(changes):+.2%} | {runs[0][1]} | "
+            f"{runs[0][2]:,} |"
+        )
     return lines
 
 
@@ -322,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=None, help="override the number of timing rounds")
     parser.add_argument("--parts", default="speed,quality", help="comma-separated: speed, quality")
+    parser.add_argument(
+        "--seeds", default=None, help="comma-separated seeds of the quality part (default 0,1,2; --quick: 0)"
+    )
     add_output_arguments(parser, "bench_structures")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -339,7 +357,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     load_start = os.getloadavg()
     speed_lines = speed(sizes)[0] if "speed" in parts else ["(not run: --parts)"]
-    quality_lines = quality(sizes) if "quality" in parts else ["(not run: --parts)"]
+    try:
+        seeds = [int(seed) for seed in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    except ValueError:
+        parser.error(f"--seeds={args.seeds!r} must be comma-separated integers")
+    quality_lines = quality(sizes, seeds) if "quality" in parts else ["(not run: --parts)"]
     elapsed = time.time() - started
     shown = " ".join(argv if argv is not None else sys.argv[1:])
     load_end = os.getloadavg()
