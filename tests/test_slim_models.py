@@ -203,3 +203,33 @@ def test_resnet_inner_channels_go_and_residual_channels_are_left_and_listed() ->
     assert "add()" in result.skipped["layer1.0.conv2"]
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), **TIGHT)
+
+
+class MHABlock(nn.Module):
+    """A traceable block with nn.MultiheadAttention (the stacked in_proj_weight) and an FFN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        attended, _ = self.attn(x, x, x, need_weights=False)
+        x = x + attended
+        return self.head(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_multihead_attention_heads_pruned_by_the_head_pattern_are_removed() -> None:
+    torch.manual_seed(0)
+    model = MHABlock().eval()
+    Pruner(
+        model, Schedule(1, 1), PruningOptions(target_sparsity=0.5, pattern="head+ffn", scope="local")
+    ).prune(0.5)
+    x = torch.randn(2, 6, 32)
+    result = slim(model, (x,))
+    small = result.model
+    assert small.attn.num_heads == 2 and small.attn.in_proj_weight.shape == (3 * 16, 32)
+    assert small.fc1.out_features == 32
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), **TIGHT)
