@@ -215,18 +215,24 @@ def test_a_user_declared_coupling_is_pruned_and_slimmed() -> None:
 
 
 # --------------------------------------------------------------------------- schedule, resume, callback
-def test_a_schedule_grows_whole_units_and_never_revives_one() -> None:
+@pytest.mark.parametrize("build", [llama, vit], ids=["llama", "vit"])  # ViT: multi-step head pruning
+def test_a_schedule_grows_whole_units_and_never_revives_one(build: Any) -> None:
     torch.manual_seed(0)
-    model = llama()
+    model = build()
     pruner = Pruner(
         model, Schedule(0, 6, frequency=2), PruningOptions(target_sparsity=0.5, pattern="head+ffn")
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     pruner.attach(optimizer)
-    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (2, 8), generator=generator)
+    images = torch.randn(2, 3, 32, 32, generator=generator)
     pruned_before = [torch.zeros_like(m) for m in pruner.masks]
     for _ in range(6):
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = (
+            model(input_ids=ids, labels=ids).loss if build is llama else model(images).logits.square().mean()
+        )
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         pruned = [~m for m in pruner.masks]
