@@ -15,7 +15,7 @@ callback's default window and exp curve) and by Torch-Pruning's ``MetaPruner`` w
 the same steps to the same per-event ratios. Validation loss on held-out files, lower is better;
 seeds 0, 1 and 2 (initialisation and batch order).
 
-    python benchmarks/bench_structures.py --threads 1     # about 12 minutes on 2 CPU cores
+    python benchmarks/bench_structures.py --threads 1     # about 5 minutes on 2 CPU cores
     python benchmarks/bench_structures.py --quick         # seconds, for a smoke test
 
 The section is printed and written to runs/benchmarks/bench_structures/RESULTS.md;
