@@ -324,14 +324,6 @@ def mark_units(keep: Tensor, member: Member, pruned: Tensor) -> None:
         part[:, span] = False
 
 
-def pruned_units(masks: Sequence[Tensor], coupling: Coupling, index: Sequence[int]) -> Tensor:
-    """Units whose every weight is masked, from the standard-layout ``masks`` of its members."""
-    state = torch.ones(coupling.units, dtype=torch.bool)
-    for member, i in zip(coupling.members, index, strict=True):
-        state &= ~unit_view(masks[i], member, coupling.units).any(dim=1).cpu()
-    return state
-
-
 def unit_counts(masks: Sequence[Tensor], coupling: Coupling, index: Sequence[int]) -> tuple[Tensor, Tensor]:
     """``(wholly masked, partly masked)`` per unit."""
     whole = torch.ones(coupling.units, dtype=torch.bool)
