@@ -1,4 +1,4 @@
-"""Train a tiny MLP under ``Trainer(strategy="ddp", accelerator="cpu", devices=2)`` with pruning.
+"""Train a tiny MLP (or one-layer transformer) under ``Trainer(strategy="ddp", accelerator="cpu", devices=2)`` with pruning.
 
 Run by ``tests/test_ddp.py`` as ``python tests/ddp_worker.py --out DIR ...``; Lightning's ``ddp``
 launcher re-executes the same command line for rank 1. Every rank writes what it saw to
@@ -72,6 +72,22 @@ class TinyMLP(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class TinyTransformer(TinyMLP):
+    """The 16 inputs as 4 tokens of 4 features, one ``nn.TransformerEncoderLayer`` (4 heads, FFN 32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Unflatten(1, (4, 4)),
+            nn.Linear(4, HIDDEN // 2),
+            nn.TransformerEncoderLayer(
+                HIDDEN // 2, nhead=4, dim_feedforward=HIDDEN, batch_first=True, dropout=0.0
+            ),
+            nn.Flatten(),
+            nn.Linear(4 * HIDDEN // 2, CLASSES),
+        )
 
 
 class RankNoiseCriterion(Criterion):
@@ -225,12 +241,21 @@ class Recorder(pl.Callback):
                 "state_dict": {k: digest(v) for k, v in pl_module.state_dict().items()},
                 "zero_fraction": zeros,
                 "mask_sparsity": pruner.sparsity,
+                "units": unit_counts(pruner),
             },
         }
         path = self.out / f"rank{trainer.global_rank}.json"
         temporary = path.with_suffix(f".json.tmp{os.getpid()}")
         temporary.write_text(json.dumps(result, indent=1))
         os.replace(temporary, path)
+
+
+def unit_counts(pruner: Any) -> list[str] | None:
+    """A coupled pattern's heads and units per layer (after checking every mask holds whole units)."""
+    if pruner.coupled is None:
+        return None
+    pruner.coupled.check_masks(pruner.masks)
+    return [str(row) for row in pruner.coupled.report(pruner.masks).rows]
 
 
 class DenseRecorder(pl.Callback):
@@ -276,6 +301,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rank-noise", action="store_true", help="score |W| + rank-dependent noise")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dense", action="store_true", help="train without the pruning callback")
+    parser.add_argument("--model", default="mlp", choices=["mlp", "transformer"])
+    parser.add_argument("--scope", default="global", choices=["global", "local"])
     return parser.parse_args(argv)
 
 
@@ -286,7 +313,7 @@ def main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     pl.seed_everything(args.seed, verbose=False)
-    model = TinyMLP()
+    model = TinyTransformer() if args.model == "transformer" else TinyMLP()
     generator = torch.Generator().manual_seed(args.seed)
     samples = 2 * args.batches * args.batch_size  # two ranks
     x = torch.randn(samples, IN_FEATURES, generator=generator)
@@ -305,6 +332,7 @@ def main(argv: list[str]) -> None:
         end_step=args.end,
         frequency=args.frequency,
         progressive=Progressive(steps=args.progressive) if args.progressive else False,
+        scope=args.scope,
         verbose=False,
     )
     recorder = Recorder(pruning, out)

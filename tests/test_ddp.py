@@ -328,3 +328,21 @@ def test_callback_added_to_a_dense_checkpoint_catches_up_alike_on_every_rank(tmp
     assert rank0["final"]["masks"] == rank1["final"]["masks"]
     assert rank0["final"]["weights"] == rank1["final"]["weights"]
     assert_reaches(rank0, 0.75)
+
+
+def test_heads_and_ffn_units_under_ddp_are_rank_zeros_whole_units_everywhere(tmp_path: Path) -> None:
+    # One nn.TransformerEncoderLayer (4 heads, 32 FFN units), head+ffn pattern, local scope, scores
+    # |W| plus rank-dependent noise: each rank alone would remove other heads and units.
+    args = ["--model", "transformer", "--rank-noise", "--pattern", "head+ffn", "--scope", "local"]
+    rank0, rank1 = run_worker(tmp_path, *args, "--sparsity", "0.5", *WINDOW)
+    assert_ranks_agree(rank0, rank1, [3, 6, 9, 12])
+    sent = [(a, b) for a, b in zip(rank0["broadcasts"], rank1["broadcasts"], strict=True) if a["before"]]
+    assert len(sent) == 4  # one per event
+    for a, b in sent:
+        assert a["before"] != b["before"]
+        assert a["after"] == a["before"] == b["after"]
+    # Whole units (the worker checks every mask with the coupling's own check): half of each kind.
+    assert rank0["final"]["units"] == rank1["final"]["units"]
+    heads, units = sorted(rank0["final"]["units"])  # "net.2.self_attn" sorts before "net.2:"
+    assert units == "net.2: 32 -> 16 units (16 pruned)"
+    assert heads.startswith("net.2.self_attn: 4 -> 2 heads")
