@@ -33,6 +33,14 @@ take at most 3 rounds (float64: 6), then one comparison pass builds the masks. T
 same on every path (only the time differs), so ranks that sampled differently still agree. Extra
 memory: the masks themselves, the extracted costs, and one chunk of temporaries.
 
+**Shards.** Under FSDP2 a layer's costs can be split over ranks, each holding a contiguous run of
+them (rank 0's first; see ``sharding.py``). Its :class:`Span` gives the layer's totals, and
+``select_groups`` takes the ranks' :class:`Collectives`: the sample is skipped, the radix histograms
+are summed over the ranks (a few all-reduces of ``layers x 4098`` counts), and the ties at the
+crossing go to the ranks in order, each taking what the ranks before it left. Layers every rank holds
+whole (costs already combined over the ranks) are counted once. The masks are exactly those one
+process would build from all the costs.
+
 **Rows.** The ``"row"`` scope prunes the same share of every row of a layer's groups (an output
 row for ``1x1`` and N:M; a band of rows for ``NxM`` blocks), each row's cheapest in the same order:
 per block of rows, the k-th smallest key of each row, what lies below it, then the ties at it by
@@ -44,6 +52,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -67,6 +76,33 @@ RADIX_BINS = 1 << 12
 
 
 @dataclass(frozen=True)
+class Span:
+    """A layer whose groups are split over ranks: its totals, of which this rank holds a run.
+
+    Args:
+        groups: the layer's groups over all ranks.
+        numel: the layer's weights over all ranks.
+        replicated: every rank holds all the costs (counted once, as rank 0's).
+    """
+
+    groups: int
+    numel: int
+    replicated: bool = False
+
+
+class Collectives(Protocol):
+    """What a selection over sharded layers needs from the ranks (``sharding.ProcessGroupCollectives``)."""
+
+    rank: int
+
+    def sum(self, counts: Tensor) -> Tensor:
+        """``counts`` (int64, CPU) summed over the ranks."""
+
+    def before(self, counts: Tensor) -> Tensor:
+        """Per entry of 1-D ``counts`` (int64, CPU), their sum over the ranks below this one."""
+
+
+@dataclass(frozen=True)
 class LayerGroups:
     """The groups of one layer as the selection sees them.
 
@@ -76,18 +112,36 @@ class LayerGroups:
         numel: weights in the layer (the denominator of its sparsity).
         rows: the costs are this many equal runs, one per output row (or band of rows) of groups,
             each ranked on its own by the ``"row"`` scope.
+        span: the layer's totals when its costs are split over ranks (``costs`` and ``numel`` are
+            then this rank's part), ``None`` when they are all here.
     """
 
     costs: Tensor
     group_size: int
     numel: int
     rows: int = 1
+    span: Span | None = None
+
+    @property
+    def total_groups(self) -> int:
+        """Groups of the whole layer, over all ranks."""
+        return self.costs.numel() if self.span is None else self.span.groups
+
+    @property
+    def total_numel(self) -> int:
+        """Weights of the whole layer, over all ranks."""
+        return self.numel if self.span is None else self.span.numel
+
+    @property
+    def split(self) -> bool:
+        """Whether the costs are split over ranks (neither whole here nor replicated)."""
+        return self.span is not None and not self.span.replicated
 
     def bounds(self, min_sparsity: float, max_sparsity: float) -> tuple[int, int]:
         """Fewest and most groups that keep the layer's sparsity within the bounds."""
-        groups = self.costs.numel()
-        lo = math.ceil(min_sparsity * self.numel / self.group_size - _EPS)
-        hi = math.floor(max_sparsity * self.numel / self.group_size + _EPS)
+        groups = self.total_groups
+        lo = math.ceil(min_sparsity * self.total_numel / self.group_size - _EPS)
+        hi = math.floor(max_sparsity * self.total_numel / self.group_size + _EPS)
         hi = min(hi, groups)
         return min(lo, hi), hi
 
@@ -98,6 +152,7 @@ def select_groups(
     scope: str,
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
+    collectives: Collectives | None = None,
 ) -> list[Tensor]:
     """Choose the groups to prune so that the targets reach ``sparsity``.
 
@@ -109,31 +164,50 @@ def select_groups(
         min_sparsity: least sparsity per layer (per row for ``"row"``); capped at ``sparsity`` so
             that a schedule's early, low targets are not overridden.
         max_sparsity: most sparsity per layer (per row for ``"row"``).
+        collectives: the ranks' collectives, needed when a layer's costs are split over them
+            (:attr:`LayerGroups.span`); every rank must call with its own part of the same layers.
 
     Returns:
-        One 1-D bool tensor per layer, ``True`` for each group to prune.
+        One 1-D bool tensor per layer (this rank's part of it), ``True`` for each group to prune.
     """
+    if collectives is None and any(layer.split for layer in layers):
+        raise ValueError("layers split over ranks need the ranks' collectives to be selected")
     min_sparsity = min(min_sparsity, sparsity)
     if scope == "row":
         return [_lowest_in_each_row(layer, sparsity, min_sparsity, max_sparsity) for layer in layers]
     bounds = [layer.bounds(min_sparsity, max_sparsity) for layer in layers]
     if scope == "local":
         counts = [
-            max(lo, min(hi, round(sparsity * layer.numel / layer.group_size)))
+            max(lo, min(hi, round(sparsity * layer.total_numel / layer.group_size)))
             for layer, (lo, hi) in zip(layers, bounds, strict=True)
         ]
-        return [lowest(layer.costs, count) for layer, count in zip(layers, counts, strict=True)]
+        return [
+            _lowest_split(layer, count, collectives)
+            if layer.split and collectives
+            else lowest(layer.costs, count)
+            for layer, count in zip(layers, counts, strict=True)
+        ]
     if scope != "global":
         raise ValueError(f"scope={scope!r} is not one of ['global', 'local', 'row']")
-    counts, cut = _global_counts(layers, bounds, sparsity)
+    counts, cut = _global_counts(layers, bounds, sparsity, collectives)
     selected = []
     for i, (layer, count) in enumerate(zip(layers, counts, strict=True)):
         # Layers not held by a bound cut at the global crossing; the others at their own.
         if cut is not None and cut.below[i] <= count <= cut.at_most[i]:
             selected.append(cut.mask(i, count))
+        elif layer.split and collectives is not None:
+            selected.append(_lowest_split(layer, count, collectives))
         else:
             selected.append(lowest(layer.costs, count))
     return selected
+
+
+def _lowest_split(layer: LayerGroups, k: int, collectives: Collectives) -> Tensor:
+    """This rank's part of the mask of the ``k`` lowest costs of a layer split over ranks."""
+    k = max(0, min(k, layer.total_groups))
+    if k in (0, layer.total_groups):
+        return torch.full_like(layer.costs, k > 0, dtype=torch.bool)
+    return _crossing([layer.costs], [0], [layer.total_groups], [1], k, (collectives, [False])).mask(0, k)
 
 
 def lowest(values: Tensor, k: int) -> Tensor:
@@ -182,10 +256,13 @@ def lowest_in_rows(values: Tensor, k: int) -> Tensor:
 
 
 def _global_counts(
-    layers: list[LayerGroups], bounds: list[tuple[int, int]], sparsity: float
+    layers: list[LayerGroups],
+    bounds: list[tuple[int, int]],
+    sparsity: float,
+    collectives: Collectives | None = None,
 ) -> tuple[list[int], _Cut | None]:
     """Groups to prune per layer, and the cut at the crossing cost (``None`` when none is needed)."""
-    total = sum(layer.numel for layer in layers)
+    total = sum(layer.total_numel for layer in layers)
     budget = round(sparsity * total) - sum(
         lo * layer.group_size for layer, (lo, _) in zip(layers, bounds, strict=True)
     )
@@ -194,9 +271,13 @@ def _global_counts(
         return lows, None
     costs = [layer.costs for layer in layers]
     sizes = [layer.group_size for layer in layers]
-    if _weight(lows, highs, sizes, [c.numel() for c in costs]) <= budget:
+    if _weight(lows, highs, sizes, [layer.total_groups for layer in layers]) <= budget:
         return highs, None  # every candidate fits
-    cut = _crossing(costs, lows, highs, sizes, budget)
+    shards = None
+    if collectives is not None and any(layer.span is not None for layer in layers):
+        replicated = [layer.span is None or layer.span.replicated for layer in layers]
+        shards = (collectives, replicated)
+    cut = _crossing(costs, lows, highs, sizes, budget, shards)
     # All candidates below the crossing value are in; ties at it go in layer order, then position,
     # until the prefix is closest to the budget.
     below = [_clamped(n, lo, hi) for n, lo, hi in zip(cut.below, lows, highs, strict=True)]
@@ -298,11 +379,14 @@ class _Cut:
     layers: list[_Layer]
     heavy: float | None = None
     heavy_in_base: bool = False  # whether the base masks hold every copy of the heavy value
+    ties_before: list[int] | None = None  # split layers: ties at the crossing on lower ranks
 
     def mask(self, i: int, count: int) -> Tensor:
         """Layer ``i``'s mask of its ``count`` lowest costs (``below[i] <= count <= at_most[i]``)."""
         layer, v = self.layers[i], self.value
         ties = count - self.below[i]
+        if self.ties_before is not None:  # this rank's share: what the ranks before it left
+            ties = max(0, ties - self.ties_before[i])
         if layer.base is None:  # no bracket: one comparison pass, then the ties by position
             mask = torch.empty_like(layer.costs, dtype=torch.bool)
             for start, chunk in _chunks(layer.costs):
@@ -364,20 +448,41 @@ def _remove_last(costs: Tensor, mask: Tensor, value: float, dtype: torch.dtype, 
 
 
 def _crossing(
-    costs: Sequence[Tensor], lows: Sequence[int], highs: Sequence[int], sizes: Sequence[int], budget: int
+    costs: Sequence[Tensor],
+    lows: Sequence[int],
+    highs: Sequence[int],
+    sizes: Sequence[int],
+    budget: int,
+    shards: tuple[Collectives, Sequence[bool]] | None = None,
 ) -> _Cut:
     """The cut at the smallest cost ``v`` whose candidates ``<= v`` weigh at least ``budget``.
 
     ``budget`` must be reachable: ``0 < budget <= _weight(lows, highs, sizes, sizes of costs)``.
+    ``shards``: the ranks' collectives and, per layer, whether every rank holds all its costs;
+    then the counts are those of all ranks (see "Shards" above).
     """
     dtype = _common_dtype(costs)
+    if shards is not None:
+        collectives, replicated = shards
+        # A replicated layer is counted once: from rank 0's copy.
+        sources = [
+            [] if whole and collectives.rank else [chunk for _, chunk in _chunks(c)]
+            for c, whole in zip(costs, replicated, strict=True)
+        ]
+        key, below, at_most, local_ties = _radix(
+            sources, [0] * len(costs), None, lows, highs, sizes, budget, dtype, collectives=collectives
+        )
+        before = collectives.before(torch.tensor(local_ties, dtype=torch.int64)).tolist()
+        ties_before = [0 if whole else int(n) for n, whole in zip(before, replicated, strict=True)]
+        layers = [_Layer(c) for c in costs]
+        return _Cut(_from_key(key, dtype), dtype, below, at_most, layers, ties_before=ties_before)
     bracket = _bracket(costs, lows, highs, sizes, budget, dtype)
     if bracket is not None:
         cut = _bracketed(costs, lows, highs, sizes, budget, dtype, bracket)
         if cut is not None:
             return cut
     sources = [[chunk for _, chunk in _chunks(c)] for c in costs]
-    key, below, at_most = _radix(sources, [0] * len(costs), None, lows, highs, sizes, budget, dtype)
+    key, below, at_most, _ = _radix(sources, [0] * len(costs), None, lows, highs, sizes, budget, dtype)
     layers = [_Layer(c) for c in costs]
     return _Cut(_from_key(key, dtype), dtype, below, at_most, layers)
 
@@ -544,7 +649,7 @@ def _bracketed(
     if heavy is not None:
         extra = (_key_of(heavy, dtype), [layer.heavy_count for layer in layers])
     key_range = (_key_of(lo, dtype), _key_of(hi, dtype))
-    key, counts_below, counts_at_most = _radix(
+    key, counts_below, counts_at_most, _ = _radix(
         sources, below, extra, lows, highs, sizes, budget, dtype, key_range
     )
     return _Cut(_from_key(key, dtype), dtype, counts_below, counts_at_most, layers, heavy, bracket.heavy_in)
@@ -561,14 +666,16 @@ def _radix(
     budget: int,
     dtype: torch.dtype,
     key_range: tuple[int, int] | None = None,
-) -> tuple[int, list[int], list[int]]:
-    """Key of the crossing among the costs of ``sources`` (per layer, chunks), and per layer the
-    counts below it and at most it.
+    collectives: Collectives | None = None,
+) -> tuple[int, list[int], list[int], list[int]]:
+    """Key of the crossing among the costs of ``sources`` (per layer, chunks), per layer the
+    counts below it and at most it, and this rank's own count of costs at it.
 
     Args:
         base: per layer, costs known to lie below every cost in its sources.
         extra: one more key and, per layer, how many costs hold it (counted, not in the sources).
         key_range: keys known to hold every cost of the sources and ``extra``.
+        collectives: the histograms are summed over the ranks (each holds part of the sources).
 
     Each round histograms the keys in the current range into at most :data:`RADIX_BINS` bins of
     ``2**shift`` keys and keeps the bin where the weight reaches ``budget``, so the range shrinks by
@@ -599,6 +706,9 @@ def _radix(
                 histogram += torch.bincount(index, minlength=bins + 2).cpu()
             histograms.append(histogram)
         counts = torch.stack(histograms)
+        local_counts = counts
+        if collectives is not None:
+            counts = collectives.sum(counts)
         if extra is not None:
             key, per_layer = extra
             counts[:, min(max((key >> shift) - origin, 0), bins + 1)] += torch.tensor(
@@ -610,6 +720,6 @@ def _radix(
         # The crossing lies in the range, so in one of its bins (never bin 0 or bins + 1).
         assert 1 <= j <= bins, "crossing outside the radix range"
         if shift == 0:  # single-key bins: the crossing is this bin's key
-            return origin + j, at_most[:, j - 1].tolist(), at_most[:, j].tolist()
+            return origin + j, at_most[:, j - 1].tolist(), at_most[:, j].tolist(), local_counts[:, j].tolist()
         low_key = max(low_key, (origin + j) << shift)
         high_key = min(high_key, ((origin + j + 1) << shift) - 1)
