@@ -44,6 +44,7 @@ from lightning_prune.report import SparsityReport, describe_left_out, sparsity_r
 from lightning_prune.schedules import (
     Schedule,
     check_curve,
+    check_initial_sparsity,
     check_step_spec,
     check_window,
     is_known_length,
@@ -150,6 +151,14 @@ class PruningCallback(Callback):
             initialization instead (``ModelPruning(resample_parameters=True)``).
         rewind_events: which events rewind: ``"every"`` (default), ``"first"`` or ``"last"``
             (retrain the final mask from the rewound weights).
+        initial_sparsity: a one-shot share pruned at ``start_step`` before the curve rises from it
+            (Kurtic & Alistarh 2022); ``0.0`` (default) starts from dense.
+        allocation: how each event's sparsity is shared among layers: ``"scope"`` (default: the
+            scope's ranking) or ``"erk"`` (Erdős-Rényi-Kernel shares, as RigL; each layer then
+            pruned by its own scores).
+        regrow: at every event before the last, revive this fraction of each layer's live groups
+            from its pruned ones with the largest gradient, pruning as many more low-scoring ones
+            (GraNet/RigL style, decayed by a half cosine along the window); ``0.0`` (default) off.
         calibration_batches: for a criterion that prunes from calibration data (``"wanda"``,
             ``"sparsegpt"``), the batches its event before the first step runs through
             ``training_step`` (no gradients, eval mode); ``None`` takes the criterion's
@@ -199,6 +208,9 @@ class PruningCallback(Callback):
         rewind: int | None = None,
         rewind_resample: bool = False,
         rewind_events: str = "every",
+        initial_sparsity: float = 0.0,
+        allocation: str = "scope",
+        regrow: float = 0.0,
         calibration_batches: int | None = None,
         calibration_data: Any = None,
         monitor: str | list[str] | None = None,
@@ -225,6 +237,8 @@ class PruningCallback(Callback):
             rewind=rewind,
             rewind_resample=rewind_resample,
             rewind_events=rewind_events,
+            allocation=allocation,
+            regrow=regrow,
         )
         if name is not None and not (isinstance(name, str) and NAME.fullmatch(name)):
             raise ValueError(
@@ -248,6 +262,7 @@ class PruningCallback(Callback):
         self.calibration_data = calibration_data
         self.frequency = check_int("frequency", frequency, minimum=1, none_means="about 20 events")
         self.sparsity_curve = check_curve(sparsity_curve)
+        self.initial_sparsity = check_initial_sparsity(initial_sparsity, self.options.target_sparsity)
         self.monitor = _check_monitor(monitor)
         for key, value in (("save_report", save_report), ("verbose", verbose)):
             if not isinstance(value, bool):
@@ -313,6 +328,7 @@ class PruningCallback(Callback):
             "end_step": repr(self.end_step),
             "frequency": repr(self.frequency),
             "sparsity_curve": repr(self.sparsity_curve),
+            **({"initial_sparsity": repr(self.initial_sparsity)} if self.initial_sparsity else {}),
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -410,7 +426,12 @@ class PruningCallback(Callback):
         total = total_steps(trainer, per_batch)
         try:
             resolved: Schedule | ValueError = resolve_schedule(
-                self.start_step, self.end_step, self.frequency, self.sparsity_curve, total
+                self.start_step,
+                self.end_step,
+                self.frequency,
+                self.sparsity_curve,
+                total,
+                self.initial_sparsity,
             )
         except ValueError as error:
             resolved = error

@@ -49,6 +49,9 @@ class PruningConfig:
     rewind: int | None = None
     rewind_resample: bool = False
     rewind_events: str = "every"
+    initial_sparsity: float = 0.0
+    allocation: str = "scope"
+    regrow: float = 0.0
     calibration_batches: int | None = None
     # A DataLoader or an iterable of batches (not expressible in YAML), checked by the callback.
     calibration_data: Any = None

@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 
+from lightning_prune.allocation import check_allocation
 from lightning_prune.checks import check_fraction, check_int
 from lightning_prune.criteria import Criterion, parse_criterion
 from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.progressive import Progressive, check_progressive_pattern, parse_progressive
+from lightning_prune.regrowth import check_regrow
 from lightning_prune.regularizers import Regularizer, parse_regularizer
 from lightning_prune.targets import DEFAULT_OP_TYPES, compile_patterns
 
@@ -62,6 +64,13 @@ class PruningOptions:
         rewind_events: which events rewind: ``"every"`` (iterative magnitude pruning with
             rewinding), ``"first"`` or ``"last"`` (retrain the final mask from the rewound weights,
             as Renda et al. 2020 compare).
+        allocation: how an event's sparsity is shared among the layers: ``"scope"`` (the scope's
+            ranking decides) or ``"erk"`` (each layer's share by the Erdős-Rényi-Kernel rule of
+            RigL, then pruned by its own scores); see :mod:`lightning_prune.allocation`.
+        regrow: at every event before the last, revive this fraction of each layer's live groups
+            from its pruned ones, those with the largest gradient, and prune as many more of the
+            lowest-scoring live ones (decayed by a half cosine along the window); ``0`` never
+            revives. See :mod:`lightning_prune.regrowth`.
     """
 
     target_sparsity: float
@@ -80,6 +89,8 @@ class PruningOptions:
     rewind: int | None
     rewind_resample: bool
     rewind_events: str
+    allocation: str
+    regrow: float
 
     def __init__(
         self,
@@ -100,6 +111,8 @@ class PruningOptions:
         rewind: int | None = None,
         rewind_resample: bool = False,
         rewind_events: str = "every",
+        allocation: str = "scope",
+        regrow: float = 0.0,
     ) -> None:
         set_ = object.__setattr__  # frozen: normalised once, here
         set_(
@@ -147,6 +160,8 @@ class PruningOptions:
         if rewind_events not in REWIND_EVENTS:
             raise ValueError(f"rewind_events={rewind_events!r} is not one of {list(REWIND_EVENTS)}")
         set_(self, "rewind_events", rewind_events)
+        set_(self, "allocation", check_allocation(allocation, self.pattern))
+        set_(self, "regrow", check_regrow(regrow, pattern=self.pattern, scope=scope, progressive=self.progressive))
         target = self.target_sparsity
         if not low <= target <= high:
             raise ValueError(
@@ -175,6 +190,9 @@ class PruningOptions:
             "rewind": repr(self.rewind),
             "rewind_resample": repr(self.rewind_resample),
             "rewind_events": repr(self.rewind_events),
+            # Recorded only when set, so that checkpoints from before these options still resume.
+            **({"allocation": repr(self.allocation)} if self.allocation != "scope" else {}),
+            **({"regrow": repr(self.regrow)} if self.regrow else {}),
         }
 
 

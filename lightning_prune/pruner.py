@@ -25,17 +25,19 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prune.allocation import select_by_allocation
 from lightning_prune.coupled import CoupledLayers, CoupledPattern
 from lightning_prune.masking import OptimizerTargets, step_mask, zero_pruned
 from lightning_prune.messages import info, warn
 from lightning_prune.options import PruningOptions
 from lightning_prune.patterns import Pattern
 from lightning_prune.progressive import Fade, plan_fade, resolve_steps
+from lightning_prune.regrowth import regrow_at_event
 from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import Schedule
 from lightning_prune.state import STATE_VERSION, check_couplings, check_header, check_state, compare_settings
 from lightning_prune.targets import Target, select_targets
-from lightning_prune.thresholds import LayerGroups, select_groups
+from lightning_prune.thresholds import LayerGroups
 
 #: Why a selected layer is left dense after all (see ``Pruner.left_out``).
 UNTILED = "the pattern cannot tile it"
@@ -494,13 +496,11 @@ class Pruner:
         )
         layers, scores = self._score()
         phase("selecting groups")
-        selected = select_groups(
-            layers,
-            sparsity,
-            self.options.scope,
-            self.options.min_sparsity_per_layer,
-            self.options.max_sparsity_per_layer,
-        )
+        selected = select_by_allocation(self.options, layers, [score.shape for score, _ in scores], sparsity)
+        if self.options.regrow:  # revive high-gradient groups before the last event (regrowth.py)
+            selected = regrow_at_event(
+                self.options.regrow, self.options.pattern, self.schedule, self.step, self.targets, layers, selected
+            )
         phase("building masks")
         event = self._commit(sparsity, scores, selected)
         say(

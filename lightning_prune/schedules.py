@@ -149,6 +149,16 @@ class Schedule:
         return min(target, CURVES[self.curve](self.progress_at(step), self.initial_sparsity, target))
 
 
+def check_initial_sparsity(initial_sparsity: object, target: float) -> float:
+    """Return ``initial_sparsity`` as a float in ``[0, target]``, else raise naming it and the range."""
+    value = check_fraction("initial_sparsity", initial_sparsity, upper_inclusive=False)
+    if value > target:
+        raise ValueError(
+            f"initial_sparsity={value} is above target_sparsity={target}; use a share in [0, {target}]"
+        )
+    return value
+
+
 def check_step_spec(key: str, value: object) -> int | float | None:
     """Check a step given in a config: ``None``, an int ``>= 0`` or a float fraction in ``(0, 1]``."""
     if value is None:
@@ -196,11 +206,13 @@ def resolve_schedule(
     frequency: int | None,
     curve: str,
     total_steps: float,
+    initial_sparsity: float = 0.0,
 ) -> Schedule:
     """Turn the callback's step options into a :class:`Schedule` for a run of ``total_steps`` steps.
 
     Floats are fractions of ``total_steps``; ``None`` means ``0`` for the start, 9/10 of training for
-    the end and about 20 events for the frequency. An end after ``total_steps`` is allowed (training
+    the end and about 20 events for the frequency; ``initial_sparsity`` is the schedule's share
+    pruned at the start. An end after ``total_steps`` is allowed (training
     may go on in a later, resumed run); the callback warns about it.
 
     Raises:
@@ -230,4 +242,6 @@ def resolve_schedule(
         )
     if frequency is None:
         frequency = max(1, round((end - start) / DEFAULT_EVENTS))
-    return Schedule(start_step=start, end_step=end, frequency=frequency, curve=curve)
+    return Schedule(
+        start_step=start, end_step=end, frequency=frequency, curve=curve, initial_sparsity=initial_sparsity
+    )
