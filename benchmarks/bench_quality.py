@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import multiprocessing
 import re
 import shlex
 import subprocess
@@ -39,6 +40,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,6 +52,7 @@ from quality.arms import Arm, Result, all_arms, pruning_schedule, quick_arms, ru
 from quality.inc_arm import INC_PYTHON, inc_status, run_inc_arms
 from quality.report import (
     best_per_pattern,
+    per_seed_lead,
     plot,
     render_csv,
     render_table,
@@ -90,6 +93,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own; quick 1)"
     )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps of the gpt task (default: its size's; 400 at the default size); digits keeps its own",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes for the arms (and INC's seeds), each with --threads torch threads",
+    )
     parser.add_argument("--no-inc", action="store_true", help="skip the INC arm even if its venv exists")
     parser.add_argument("--inc-python", type=Path, default=INC_PYTHON, help="interpreter of INC's venv")
     parser.add_argument(
@@ -120,6 +135,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             re.compile(args.arms)
         except re.error as error:
             parser.error(f"--arms {args.arms!r} is not a regular expression: {error}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps {args.steps} must be >= 1")
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs} must be >= 1")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads} must be >= 1")
     if args.replot is not None and not args.replot.is_file():
@@ -138,35 +157,88 @@ def quiet() -> Iterator[None]:
         yield
 
 
+def task_steps(name: str, args: argparse.Namespace) -> int | None:
+    """The step budget ``--steps`` gives task ``name`` (``None``: the size's own)."""
+    return args.steps if name == "gpt" else None
+
+
+_TASKS: dict[tuple[str, str, int, int | None], Task] = {}
+
+
+def train_one(
+    name: str, size: str, steps: int | None, seed: int, arm: Arm, threads: int | None
+) -> tuple[Result, float]:
+    """Train one arm for one seed (in this process or a worker): its result and wall seconds."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    key = (name, size, seed, steps)
+    if key not in _TASKS:
+        _TASKS.clear()  # one task at a time: the GPT corpus is a few MB
+        _TASKS[key] = make_task(name, size, seed, steps)
+    task = _TASKS[key]
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as root, quiet():
+            result = run_arm(task, arm, seed, root)
+    except Exception as error:  # kept as a failed row; main() exits non-zero after writing
+        traceback.print_exc()
+        result = Result(arm, seed, error=f"{type(error).__name__}: {error}")
+    return result, time.perf_counter() - started
+
+
+def report_one(name: str, metric: str, result: Result, seconds: float) -> None:
+    """One line per finished arm."""
+    arm, seed = result.arm, result.seed
+    if result.error is not None:
+        print(f"{name} seed {seed} {arm.name:<42} FAILED: {result.error}", flush=True)
+    else:
+        print(
+            f"{name} seed {seed} {arm.name:<42} {metric} {result.metrics[metric]:.4f} "
+            f"sparsity {result.sparsity:.3f} ({seconds:.1f} s)",
+            flush=True,
+        )
+
+
 def run_task(
     name: str, args: argparse.Namespace, arms: list[Arm], inc_arms: list[Arm], notes: list[str]
 ) -> tuple[Task, list[Result]]:
-    """Every arm of task ``name`` for every seed; INC's in one subprocess per seed."""
+    """Every arm of task ``name`` for every seed; INC's in one subprocess per seed.
+
+    With ``--jobs`` above 1 the (seed, arm) runs go to that many worker processes (one task each
+    at a time), and INC's seeds to as many subprocesses at once; results keep the serial order.
+    """
+    steps = task_steps(name, args)
+    tasks = {seed: make_task(name, args.size, seed, steps) for seed in args.seeds}
+    runs = [(seed, arm) for seed in args.seeds for arm in arms]
     results: list[Result] = []
-    task: Task | None = None
-    for seed in args.seeds:
-        task = make_task(name, args.size, seed)
-        schedule = pruning_schedule(task)
-        for arm in arms:
-            started = time.perf_counter()
-            try:
-                with tempfile.TemporaryDirectory() as root, quiet():
-                    result = run_arm(task, arm, seed, root)
-            except Exception as error:  # kept as a failed row; main() exits non-zero after writing
-                traceback.print_exc()
-                result = Result(arm, seed, error=f"{type(error).__name__}: {error}")
-                print(f"{name} seed {seed} {arm.name:<42} FAILED: {result.error}", flush=True)
-            else:
-                print(
-                    f"{name} seed {seed} {arm.name:<42} {task.metric} {result.metrics[task.metric]:.4f} "
-                    f"sparsity {result.sparsity:.3f} ({time.perf_counter() - started:.1f} s)",
-                    flush=True,
-                )
+    if args.jobs == 1:
+        for seed, arm in runs:
+            result, seconds = train_one(name, args.size, steps, seed, arm, None)
+            report_one(name, tasks[seed].metric, result, seconds)
             results.append(result)
-        if inc_arms:
-            results += run_inc(task, args, seed, inc_arms, schedule, notes)
-    assert task is not None
-    return task, results
+    else:
+        with ProcessPoolExecutor(
+            max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            futures = [
+                pool.submit(train_one, name, args.size, steps, seed, arm, args.threads or 1)
+                for seed, arm in runs
+            ]
+            for future, (seed, _) in zip(futures, runs, strict=True):
+                result, seconds = future.result()
+                report_one(name, tasks[seed].metric, result, seconds)
+                results.append(result)
+    if inc_arms:
+        with ThreadPoolExecutor(max_workers=args.jobs) as threads:
+            inc_futures = [
+                threads.submit(
+                    run_inc, tasks[seed], args, seed, inc_arms, pruning_schedule(tasks[seed]), notes
+                )
+                for seed in args.seeds
+            ]
+            for inc_future in inc_futures:
+                results += inc_future.result()
+    return tasks[args.seeds[-1]], results
 
 
 def run_inc(
@@ -277,6 +349,7 @@ def render_section(
     machine: str,
     loads: str,
     minutes: float,
+    lead: str = "",
 ) -> str:
     """The whole delimited section for RESULTS.md."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -325,6 +398,11 @@ the evaluation.
 Best of ours per pattern (median metric, change vs dense), next to the peers:
 
 {best}
+
+Issue 21 (GPT task, `1x1` at 90%): every arm per seed; ours against the best peer (`ModelPruning`
+with and without rewinding, INC) of the same seed, lower is better:
+
+{lead}
 
 Issue 8 targets (GPT task, same step budget):
 {target_lines}
@@ -403,8 +481,9 @@ def main(argv: list[str] | None = None) -> None:
     table = render_table(summaries, EXTRA_NAMES)
     higher = {t.name: t.higher_is_better for t in tasks}
     best = best_per_pattern(summaries, higher)
+    lead = per_seed_lead(rows)
     targets = target_checks(summaries)
-    print(table, best, *targets, sep="\n\n", flush=True)
+    print(table, best, lead, *targets, sep="\n\n", flush=True)
     folder = args.output.parent
     folder.mkdir(parents=True, exist_ok=True)
     write_atomically(folder / CSV_NAME, render_csv(rows))
@@ -413,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
         for t in tasks
     }
     write_bytes_atomically(folder / PNG_NAME, plot(summaries, folder / PNG_NAME, titles))
-    section = render_section(args, argv, tasks, table, best, targets, notes, machine, loads, minutes)
+    section = render_section(args, argv, tasks, table, best, targets, notes, machine, loads, minutes, lead)
     update_results(args.output, section)
     print(f"wrote {args.output}, {folder / CSV_NAME}, {folder / PNG_NAME}", flush=True)
     failed = [f"{r['task']} {r['arm']} seed {r['seed']}" for r in rows if r["error"] and r["method"] != "inc"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,9 @@ def test_erk_clamps_to_the_bounds_and_passes_the_share_on() -> None:
     assert (shares[1] * 1_000_000) / total == pytest.approx(0.9, abs=1e-9)
     # the upper bound holds (unbounded, the big layer would get 0.908): the small one takes the rest
     capped = erk_sparsities([(100, 100), (1000, 1000)], 0.9, 0.0, 0.905)
-    assert capped[1] == pytest.approx(0.905) and capped[0] > erk_sparsities([(100, 100), (1000, 1000)], 0.9)[0]
+    assert (
+        capped[1] == pytest.approx(0.905) and capped[0] > erk_sparsities([(100, 100), (1000, 1000)], 0.9)[0]
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -168,14 +171,14 @@ def test_pruner_regrowth_revives_weights_before_the_last_event_only() -> None:
     assert pruner.sparsity == pytest.approx(0.8, abs=1e-3)
     assert [e.step for e in pruner.events] == [10, 20, 30, 40]
     # between events before the last, some pruned weight came back
-    revived = [int((~before & after).sum()) for before, after in zip(masks[:3], masks[1:4], strict=True)]
+    revived = [int((~before & after).sum()) for before, after in itertools.pairwise(masks[:4])]
     assert revived[0] > 0 and revived[1] > 0
     # the last event (step 40) only grows the masks' zeros, and nothing changes after it
     assert int((~masks[2] & masks[3]).sum()) == 0
     assert torch.equal(masks[3], masks[5])
     # without regrowth masks only grow at every event
     _, plain = _train(0.0)
-    assert all(int((~a & b).sum()) == 0 for a, b in zip(plain, plain[1:], strict=False))
+    assert all(int((~a & b).sum()) == 0 for a, b in itertools.pairwise(plain))
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -238,12 +241,16 @@ def test_resumed_regrowth_run_matches_uninterrupted_run(tmp_path: Path) -> None:
     fit_resumable(tmp_path / "stopped", max_epochs=2, **options)
     checkpoint = tmp_path / "stopped" / "epoch=1.ckpt"
     assert pruning_state(checkpoint)["options"]["regrow"] == "0.3"
-    resumed_model, resumed, _ = fit_resumable(tmp_path / "resumed", max_epochs=4, ckpt_path=checkpoint, **options)
+    resumed_model, resumed, _ = fit_resumable(
+        tmp_path / "resumed", max_epochs=4, ckpt_path=checkpoint, **options
+    )
     assert straight is not None and resumed is not None
     assert resumed.pruner.events == straight.pruner.events
     for a, b in zip(straight.pruner.masks, resumed.pruner.masks, strict=True):
         assert torch.equal(a, b)
-    for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        straight_model.state_dict().items(), resumed_model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     # a resume without regrowth is refused, naming the setting
     with pytest.raises(ValueError, match=r"regrow: checkpoint 0.3, this run \(none\)"):

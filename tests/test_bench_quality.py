@@ -21,7 +21,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import bench_quality  # noqa: E402
 from quality.arms import Arm, quick_arms  # noqa: E402
 from quality.inc_arm import INC_PYTHON, inc_status  # noqa: E402
-from quality.report import Summary, target_checks  # noqa: E402
+from quality.report import Summary, per_seed_lead, target_checks  # noqa: E402
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
@@ -84,6 +84,8 @@ def test_quick_run_writes_table_csv_and_plot(tmp_path: Path) -> None:
         (["--seeds", "0,x"], "--seeds"),
         (["--arms", "ours/("], "--arms"),
         (["--threads", "0"], "--threads"),
+        (["--steps", "0"], "--steps"),
+        (["--jobs", "0"], "--jobs"),
     ],
 )
 def test_bad_arguments_fail_early_naming_the_argument(
@@ -133,3 +135,41 @@ def test_inc_arm_runs_in_its_venv(tmp_path: Path) -> None:
     assert [r[1] for r in rows] == ["dense", "INC 3.7.1"]
     assert not rows[1][6].startswith("failed"), rows[1][6]
     assert INC_PYTHON.exists()
+
+
+@pytest.mark.bench
+def test_steps_and_jobs_give_the_gpt_budget_and_the_serial_results(tmp_path: Path) -> None:
+    args = ("--quick", "--no-inc", "--tasks", "gpt", "--arms", "^ours/magnitude/1x1$", "--steps", "7")
+    serial = run_script(*args, "--output", str(tmp_path / "one" / "R.md"))
+    parallel = run_script(*args, "--jobs", "2", "--output", str(tmp_path / "two" / "R.md"))
+    assert serial.returncode == 0 and parallel.returncode == 0, (serial.stderr + parallel.stderr)[-3000:]
+    one, two = ((tmp_path / d / "R.md").read_text() for d in ("one", "two"))
+    assert "7 steps" in one and "7 steps" in two
+    assert [r[6] for r in table_rows(one)] == [r[6] for r in table_rows(two)]  # same numbers, any worker
+    assert "| `ours/magnitude/1x1` |" in two and "lead >= 0.5% on" in two
+
+
+def test_per_seed_lead_compares_each_seed_with_that_seeds_best_peer() -> None:
+    def row(arm: str, method: str, seed: int, value: float) -> dict[str, object]:
+        return {
+            "task": "gpt",
+            "arm": arm,
+            "method": method,
+            "pattern": "1x1",
+            "seed": seed,
+            "value": value,
+            "error": "",
+        }
+
+    rows = [
+        row("modelpruning/l1/1x1", "modelpruning", 0, 2.00),
+        row("inc/magnitude/1x1", "inc", 0, 1.98),
+        row("modelpruning/l1/1x1", "modelpruning", 1, 2.10),
+        row("inc/magnitude/1x1", "inc", 1, 2.20),
+        row("ours/magnitude/1x1", "ours", 0, 1.96),  # 1.0% below INC's 1.98
+        row("ours/magnitude/1x1", "ours", 1, 2.095),  # only 0.24% below ModelPruning's 2.10
+    ]
+    text = per_seed_lead(rows)
+    line = next(x for x in text.splitlines() if x.startswith("| `ours/"))
+    assert "-1.01%, -0.24%" in line and line.endswith("| 1/2 seeds |")
+    assert "seed 0: `inc/magnitude/1x1` 1.9800, seed 1: `modelpruning/l1/1x1` 2.1000" in text
