@@ -62,20 +62,29 @@ NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def check_strategy(strategy: Strategy) -> None:
-    """Refuse strategies that shard or wrap parameters, where masks on the local view would be wrong.
+    """Refuse strategies whose weights the Pruner would see neither whole nor as FSDP2 row shards.
+
+    ``ModelParallelStrategy`` passes here; the Pruner then checks each weight's placement (FSDP2's
+    ``Shard(0)`` rows; tensor parallelism is refused there, naming the layer).
 
     Raises:
         ValueError: naming the strategy and the supported ones.
     """
     names = {cls.__name__ for cls in type(strategy).__mro__}
+    if "FSDPStrategy" in names:
+        raise ValueError(
+            "PruningCallback does not support FSDPStrategy (FSDP1): its flat parameters hide each weight's "
+            "rows from the masks. Use FSDP2 instead: ModelParallelStrategy(data_parallel_size=N, "
+            "tensor_parallel_size=1) with torch.distributed.fsdp.fully_shard in configure_model"
+        )
     # DeepSpeed and XLA subclass DDPStrategy but shard parameters or run without torch.distributed.
     refused = {"DeepSpeedStrategy", "XLAStrategy", "SingleDeviceXLAStrategy"}
-    supported = isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not names & refused
-    if not supported:
+    plain = isinstance(strategy, SingleDeviceStrategy | DDPStrategy)
+    if not (plain or "ModelParallelStrategy" in names) or names & refused:
         raise ValueError(
-            f"PruningCallback does not support strategy {type(strategy).__name__}: sharded parameters "
-            "(FSDP, DeepSpeed, model parallel) are not pruned correctly yet. Supported: single device "
-            "and DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook')"
+            f"PruningCallback does not support strategy {type(strategy).__name__}: its parameters are "
+            "sharded in a way the masks cannot follow. Supported: single device, DDP ('ddp', 'ddp_spawn', "
+            "'ddp_fork', 'ddp_notebook') and ModelParallelStrategy with FSDP2 (fully_shard)"
         )
 
 
@@ -277,6 +286,8 @@ class PruningCallback(Callback):
         # State a checkpoint restored in the current stage, and that checkpoint's global_step.
         self._restored: dict[str, Any] | None = None
         self._checkpoint_step: int | None = None
+        # The strategy restores checkpoints after on_fit_start (FSDP2): the Pruner is built later.
+        self._deferred = False
         # The trainer step where the last fit of self.pruner ended (a next fit may continue it).
         self._fit_end_step: int | None = None
         # Manual optimization: optimizer steps per batch the window was placed with, and the
@@ -355,6 +366,14 @@ class PruningCallback(Callback):
             rank_zero_info("lightning_prune: this fit takes no training step, so nothing is pruned")
             self.pruner = None
             return
+        # ModelParallelStrategy (FSDP2) restores the weights and this callback's state only after
+        # on_fit_start; there the Pruner is built at on_train_start, once both are back.
+        self._deferred = bool(trainer.strategy.restore_checkpoint_after_setup)
+        if not self._deferred:
+            self._begin(trainer, pl_module)
+
+    def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the Pruner from the state this fit starts from (``lifecycle.py``), hook the optimizers."""
         start = self._checkpoint_step if self._checkpoint_step is not None else trainer.global_step
         state, origin = self._starting_state(pl_module, start)
         schedule = self._schedule(trainer, pl_module, state)
@@ -455,6 +474,9 @@ class PruningCallback(Callback):
         return schedule
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._deferred:
+            self._deferred = False
+            self._begin(trainer, pl_module)
         if self.pruner is not None and trainer.global_step != self._start_step:
             raise RuntimeError(
                 f"lightning_prune started counting at step {self._start_step}, but training starts at "

@@ -35,6 +35,7 @@ from lightning_prune.progressive import Fade, plan_fade, resolve_steps
 from lightning_prune.regrowth import regrow_at_event
 from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import Schedule
+from lightning_prune.sharding import ShardPlan, is_sharded, local, local_with_grad, plan_shards
 from lightning_prune.state import STATE_VERSION, check_couplings, check_header, check_state, compare_settings
 from lightning_prune.targets import Target, select_targets
 from lightning_prune.thresholds import LayerGroups
@@ -170,13 +171,19 @@ class Pruner:
         if isinstance(pattern, CoupledPattern):
             self.coupled = pattern.couple(model, self.targets, self.left_out)
             self.targets = self.coupled.targets
-        self.masks: list[Tensor] = [torch.ones_like(t.param, dtype=torch.bool) for t in self.targets]
+        #: How the targets' rows are split over the ranks under FSDP2 (``sharding.py``), or ``None``.
+        self.shards: ShardPlan | None = plan_shards(self.targets, pattern, self.options)
+        # Masks, step masks and score buffers of a sharded weight hold this rank's rows only.
+        self.masks: list[Tensor] = [torch.ones_like(local(t.param), dtype=torch.bool) for t in self.targets]
         # What the step hook multiplies by (see masking.py): the mask, or on CPU a 0/1 integer copy.
         self._step_masks: list[Tensor] = [
-            step_mask(t.param, m) for t, m in zip(self.targets, self.masks, strict=True)
+            step_mask(local(t.param), m) for t, m in zip(self.targets, self.masks, strict=True)
         ]
+        states = [criterion.init_state(t) for t in self.targets]
+        # A state the criterion built from a sharded weight is split by rows like it.
+        self._row_buffers = [state is not None and is_sharded(state) for state in states]
         #: The criterion's state per target (accumulated scores, activation statistics), or ``None``.
-        self.buffers: list[Tensor | None] = [criterion.init_state(t) for t in self.targets]
+        self.buffers: list[Tensor | None] = [None if state is None else local(state) for state in states]
         #: Real optimizer steps taken (steps skipped by an AMP gradient scaler do not count).
         self.step = 0
         #: Every event so far, oldest first.
@@ -410,13 +417,16 @@ class Pruner:
         criterion = self.options.criterion
         if not criterion.needs_gradients or self.finished:
             return  # no event left to use the scores
-        grads = [t.param.grad for t in self.targets if t.param.grad is not None]
+        grads = [local(t.param.grad) for t in self.targets if t.param.grad is not None]
         if not grads:
             return
         with torch.no_grad():
-            finite = torch.stack([g.isfinite().all() for g in [*grads, *also_check]]).all()
+            finite = torch.stack([g.isfinite().all() for g in [*grads, *map(local, also_check)]]).all()
+            if self.shards is not None:  # every rank skips the step, or none does
+                finite = self.shards.collectives.all_true(finite)
             for target, buffer in zip(self.targets, self.buffers, strict=True):
-                criterion.accumulate(buffer, target.param, finite.to(target.param.device))
+                param = target.param if self.shards is None else local_with_grad(target.param)
+                criterion.accumulate(buffer, param, finite.to(param.device))
         self.gradient_steps += 1
 
     def _after_step(self, owned: list[tuple[int, dict[str, Any]]]) -> PruningEvent | None:
@@ -439,7 +449,10 @@ class Pruner:
         if self.schedule.is_event(self.step):
             return self.prune(self.schedule.sparsity_at(self.step, self.options.target_sparsity))
         if not fading:
-            zero_pruned([self.targets[i].param for i, _ in owned], [self._step_masks[i] for i, _ in owned])
+            params = [self.targets[i].param for i, _ in owned]
+            if self.shards is not None:
+                params = [local(p) for p in params]
+            zero_pruned(params, [self._step_masks[i] for i, _ in owned])
         return None
 
     def _take_rewind_snapshot(self) -> None:
@@ -528,8 +541,11 @@ class Pruner:
         """Per target: its group costs for the selection, and its element scores in the standard layout."""
         pattern, criterion = self.options.pattern, self.options.criterion
         layers, scores = [], []
-        for target, mask, buffer in zip(self.targets, self.masks, self.buffers, strict=True):
-            score = criterion.score(buffer, target.param).masked_fill_(~mask, float("-inf"))
+        shards = self.shards
+        for index, (target, mask, buffer) in enumerate(
+            zip(self.targets, self.masks, self.buffers, strict=True)
+        ):
+            score = criterion.score(buffer, local(target.param)).masked_fill_(~mask, float("-inf"))
             if bool(score.isnan().any()):  # a broken weight or score: prune it first, and say so
                 warn(f"lightning_prune: {target.name} has NaN scores; those weights are pruned first")
                 score.masked_fill_(score.isnan(), float("-inf"))
@@ -537,11 +553,16 @@ class Pruner:
             if self.coupled is not None:  # units span several targets: ranked per coupling below
                 scores.append((standard, standard.shape))
                 continue
-            costs = pattern.group_costs(standard)
+            if shards is None:
+                costs = pattern.group_costs(standard)
+                group_size, numel, span = pattern.group_size(standard.shape), score.numel(), None
+            else:  # this rank's rows; groups spanning all rows scored whole (sharding.py)
+                costs = shards.complete_costs(index, pattern, standard)
+                span = shards.span(index, pattern, standard.shape)
+                group_size = pattern.group_size(torch.Size((target.param.shape[0], *standard.shape[1:])))
+                numel = span.numel if span.replicated else score.numel()
             rows = costs.shape[0] if costs.dim() > 1 else 1  # the "row" scope ranks each on its own
-            layers.append(
-                LayerGroups(costs.flatten(), pattern.group_size(standard.shape), score.numel(), rows)
-            )
+            layers.append(LayerGroups(costs.flatten(), group_size, numel, rows, span))
             scores.append((standard, costs.shape))
         if self.coupled is not None:
             layers = self.coupled.layer_groups([standard for standard, _ in scores])
@@ -559,7 +580,8 @@ class Pruner:
                 ~pattern.pruned_elements(pruned.view(group_shape), score)
                 for (score, group_shape), pruned in zip(scores, selected, strict=True)
             ]
-        broadcast_from_rank_zero(keeps)
+        # A sharded weight's keeps are this rank's rows, chosen from counts all ranks share.
+        broadcast_from_rank_zero([k for i, k in enumerate(keeps) if not self._sharded(i)])
         stages, pruned_counts = [], []
         for target, mask, keep, (score, _) in zip(self.targets, self.masks, keeps, scores, strict=True):
             pruned_counts.append(keep.numel() - torch.count_nonzero(keep))
@@ -587,7 +609,9 @@ class Pruner:
         self.apply_masks()
         # What the event decided; under a progressive fade the weights get there over the fade.
         counts = torch.stack([c.cpu() for c in pruned_counts]).tolist()
-        sizes = [m.numel() for m in self.masks]
+        if self.shards is not None:
+            counts = self.shards.total_counts(counts)
+        sizes = [t.param.numel() for t in self.targets]  # a DTensor's numel is the whole weight's
         layer_sparsity = {t.name: c / n for t, c, n in zip(self.targets, counts, sizes, strict=True)}
         event = PruningEvent(self.step, sparsity, sum(counts) / sum(sizes), layer_sparsity)
         self.events.append(event)
@@ -617,13 +641,20 @@ class Pruner:
         for target, per_step, mask in zip(self.targets, self._step_masks, self.masks, strict=True):
             if per_step is not mask:
                 per_step.copy_(mask)
-            target.param.masked_fill_(~mask, 0.0)
+            local(target.param).masked_fill_(~mask, 0.0)
+
+    def _sharded(self, index: int) -> bool:
+        return self.shards is not None and self.shards.sharded(index)
+
+    def _totals(self, counts: list[int]) -> list[int]:
+        """Per-target counts over this rank's rows, summed over the ranks for sharded weights."""
+        return counts if self.shards is None else self.shards.total_counts(counts)
 
     @property
     def sparsity(self) -> float:
-        """Fraction of pruned weights over all targets, from the masks."""
-        pruned = sum(m.numel() - int(torch.count_nonzero(m)) for m in self.masks)
-        return pruned / sum(m.numel() for m in self.masks)
+        """Fraction of pruned weights over all targets, from the masks (under FSDP2: on every rank)."""
+        pruned = self._totals([m.numel() - int(torch.count_nonzero(m)) for m in self.masks])
+        return sum(pruned) / sum(t.param.numel() for t in self.targets)
 
     @torch.no_grad()
     def weight_sparsity(self) -> tuple[float, dict[str, float]]:
@@ -632,8 +663,9 @@ class Pruner:
         Counted from the weights, not the masks: under a progressive fade the weights reach an
         event's masks over the fade, and a weight can be zero without being pruned.
         """
-        device = self.targets[0].param.device
-        zeros = torch.stack([(t.param == 0).sum().to(device) for t in self.targets]).tolist()  # one sync
+        device = self.masks[0].device
+        counts = [(local(t.param) == 0).sum().to(device) for t in self.targets]
+        zeros = self._totals(torch.stack(counts).tolist())  # one sync
         sizes = [t.param.numel() for t in self.targets]
         layers = {t.name: z / n for t, z, n in zip(self.targets, zeros, sizes, strict=True)}
         return sum(zeros) / sum(sizes), layers
@@ -641,8 +673,8 @@ class Pruner:
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of pruned weights per target, by module name, from the masks."""
         kept = torch.stack([torch.count_nonzero(m).cpu() for m in self.masks]).tolist()
-        pruned = [m.numel() - k for m, k in zip(self.masks, kept, strict=True)]
-        return {t.name: p / m.numel() for t, m, p in zip(self.targets, self.masks, pruned, strict=True)}
+        pruned = self._totals([m.numel() - k for m, k in zip(self.masks, kept, strict=True)])
+        return {t.name: p / t.param.numel() for t, p in zip(self.targets, pruned, strict=True)}
 
     # ------------------------------------------------------------------ checkpointing
     def settings(self) -> dict[str, str]:
@@ -662,8 +694,8 @@ class Pruner:
             "pattern": str(self.options.pattern),
             "options": self.settings(),
             "schedule": asdict(self.schedule),
-            "masks": dict(zip(names, self.masks, strict=True)),
-            "buffers": dict(zip(names, self.buffers, strict=True)),
+            "masks": dict(zip(names, self._whole(self.masks), strict=True)),
+            "buffers": dict(zip(names, self._whole(self.buffers), strict=True)),
             "events": [asdict(e) for e in self.events],
             "gradient_steps": self.gradient_steps,
             "calibration_calls": self.calibration_calls,
@@ -671,6 +703,35 @@ class Pruner:
             "rewind": None if self.rewind is None else self.rewind.state_dict(names),
             "couplings": None if self.coupled is None else self.coupled.describe(),
         }
+
+    def _whole(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Masks or buffers with the rows of every rank, for the checkpoint (under FSDP2, a collective:
+        every rank gathers, so a state saved on any number of ranks loads on any other)."""
+        shards = self.shards
+        if shards is None:
+            return list(tensors)
+        whole: list[Tensor | None] = []
+        for index, tensor in enumerate(tensors):
+            by_rows = tensor is self.masks[index] or self._row_buffers[index]
+            split = tensor is not None and by_rows and shards.sharded(index)
+            whole.append(shards.gather(index, tensor) if split and tensor is not None else tensor)
+        return whole
+
+    def _whole_buffer_shapes(self) -> list[Tensor | None]:
+        """Stand-ins with the whole weights' buffer shapes, for checking a saved state."""
+        shapes: list[Tensor | None] = []
+        for target, buffer, by_rows in zip(self.targets, self.buffers, self._row_buffers, strict=True):
+            if buffer is not None and by_rows:
+                shape = (target.param.shape[0], *buffer.shape[1:])
+                buffer = torch.empty(shape, dtype=buffer.dtype, device="meta")
+            shapes.append(buffer)
+        return shapes
+
+    def _own_rows(self, index: int, whole: Tensor, by_rows: bool) -> Tensor:
+        shards = self.shards
+        if shards is None or not shards.sharded(index) or not by_rows:
+            return whole
+        return shards.rows_of(index, whole)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -700,14 +761,14 @@ class Pruner:
                 f"lightning_prune: this checkpoint's pruning state (version {state['version']}) did not "
                 "record its settings: only the targets and the pattern could be checked against this run"
             )
-        check_state(state, names, [t.param.shape for t in self.targets], self.buffers)
+        check_state(state, names, [t.param.shape for t in self.targets], self._whole_buffer_shapes())
         if self.coupled is not None:
             check_couplings(state.get("couplings"), self.coupled.describe())
             self.coupled.check_masks([state["masks"][name] for name in names])
-        for name, mask, buffer in zip(names, self.masks, self.buffers, strict=True):
-            mask.copy_(state["masks"][name])
+        for index, (name, mask, buffer) in enumerate(zip(names, self.masks, self.buffers, strict=True)):
+            mask.copy_(self._own_rows(index, state["masks"][name], True))
             if buffer is not None:
-                buffer.copy_(state["buffers"][name])
+                buffer.copy_(self._own_rows(index, state["buffers"][name], self._row_buffers[index]))
         self.step = int(state["step"])
         self.events = [PruningEvent(**e) for e in state["events"]]
         self.gradient_steps = int(state.get("gradient_steps", 0))
