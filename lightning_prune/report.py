@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_prune.files import write_atomically
 from lightning_prune.layouts import STANDARD, Layout
 from lightning_prune.patterns import to_canonical
+from lightning_prune.sharding import is_sharded
 from lightning_prune.targets import is_op_type, model_weights
 
 if TYPE_CHECKING:
@@ -184,7 +185,12 @@ def _find(model: nn.Module, name: str) -> Tensor:
 def layer_sparsity(
     name: str, kind: str, weight: Tensor, pattern: str = "", layout: Layout = STANDARD
 ) -> LayerSparsity:
-    """Count the zeros of one ``weight`` and the structure they form in its ``layout``."""
+    """Count the zeros of one ``weight`` and the structure they form in its ``layout``.
+
+    A sharded (FSDP2) weight is gathered whole first: a collective, so every rank must report.
+    """
+    if is_sharded(weight):
+        weight = weight.full_tensor()  # type: ignore[attr-defined]
     standard = layout.to_standard(weight.detach())
     zero = to_canonical(standard) == 0  # (out, K, in)
     out, kernel, inputs = zero.shape
