@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -83,11 +83,13 @@ class Span:
         groups: the layer's groups over all ranks.
         numel: the layer's weights over all ranks.
         replicated: every rank holds all the costs (counted once, as rank 0's).
+        collectives: the ranks' collectives (so that any caller of :func:`select_groups` reaches them).
     """
 
     groups: int
     numel: int
     replicated: bool = False
+    collectives: Collectives | None = field(default=None, compare=False, repr=False)
 
 
 class Collectives(Protocol):
@@ -165,11 +167,14 @@ def select_groups(
             that a schedule's early, low targets are not overridden.
         max_sparsity: most sparsity per layer (per row for ``"row"``).
         collectives: the ranks' collectives, needed when a layer's costs are split over them
-            (:attr:`LayerGroups.span`); every rank must call with its own part of the same layers.
+            (:attr:`LayerGroups.span`; by default its own); every rank must call with its own part
+            of the same layers.
 
     Returns:
         One 1-D bool tensor per layer (this rank's part of it), ``True`` for each group to prune.
     """
+    if collectives is None:
+        collectives = next((g.span.collectives for g in layers if g.span and g.span.collectives), None)
     if collectives is None and any(layer.split for layer in layers):
         raise ValueError("layers split over ranks need the ranks' collectives to be selected")
     min_sparsity = min(min_sparsity, sparsity)
