@@ -161,7 +161,8 @@ class PruningOptions:
             raise ValueError(f"rewind_events={rewind_events!r} is not one of {list(REWIND_EVENTS)}")
         set_(self, "rewind_events", rewind_events)
         set_(self, "allocation", check_allocation(allocation, self.pattern))
-        set_(self, "regrow", check_regrow(regrow, pattern=self.pattern, scope=scope, progressive=self.progressive))
+        regrow = check_regrow(regrow, pattern=self.pattern, scope=scope, progressive=self.progressive)
+        set_(self, "regrow", regrow)
         target = self.target_sparsity
         if not low <= target <= high:
             raise ValueError(

@@ -511,9 +511,7 @@ class Pruner:
         phase("selecting groups")
         selected = select_by_allocation(self.options, layers, [score.shape for score, _ in scores], sparsity)
         if self.options.regrow:  # revive high-gradient groups before the last event (regrowth.py)
-            selected = regrow_at_event(
-                self.options.regrow, self.options.pattern, self.schedule, self.step, self.targets, layers, selected
-            )
+            selected = regrow_at_event(self.options, self.schedule, self.step, self.targets, layers, selected)
         phase("building masks")
         event = self._commit(sparsity, scores, selected)
         say(

@@ -36,6 +36,7 @@ from lightning_prune.patterns import NMPattern, Pattern
 from lightning_prune.thresholds import LayerGroups, lowest
 
 if TYPE_CHECKING:
+    from lightning_prune.options import PruningOptions
     from lightning_prune.schedules import Schedule
     from lightning_prune.targets import Target
 
@@ -131,8 +132,7 @@ def gradient_costs(pattern: Pattern, gradients: Sequence[Tensor | None]) -> list
 
 
 def regrow_at_event(
-    regrow: float,
-    pattern: Pattern,
+    options: PruningOptions,
     schedule: Schedule,
     step: int,
     targets: Sequence[Target],
@@ -142,16 +142,15 @@ def regrow_at_event(
     """The event's selection with regrowth applied (unchanged at and after the schedule's last event).
 
     Args:
-        regrow: the ``regrow`` option.
-        pattern: the run's pattern.
+        options: the run's options (``regrow`` and ``pattern`` are read).
         schedule: the run's schedule (its progress decays the share; its end stops regrowth).
         step: the event's optimizer step.
         targets: the targets, whose ``param.grad`` (this step's gradient) ranks the pruned groups.
         layers: each target's groups, as the selection saw them.
         selected: the selection's groups to prune, one 1-D bool tensor per target.
     """
-    share = 0.0 if step >= schedule.end_step else share_at(regrow, schedule.progress_at(step))
+    share = 0.0 if step >= schedule.end_step else share_at(options.regrow, schedule.progress_at(step))
     if share <= 0.0:
         return list(selected)
     gradients = [None if t.param.grad is None else t.layout.to_standard(t.param.grad) for t in targets]
-    return regrow_groups(layers, selected, gradient_costs(pattern, gradients), share)[0]
+    return regrow_groups(layers, selected, gradient_costs(options.pattern, gradients), share)[0]
