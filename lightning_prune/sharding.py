@@ -262,6 +262,10 @@ def refused_options(options: PruningOptions) -> dict[str, str]:
         refused["regularizer"] = "group lasso norms span rows on other ranks"
     if options.rewind is not None:
         refused["rewind"] = "the rewind snapshot would be saved from rank 0's rows only"
+    if options.allocation != "scope":
+        refused["allocation"] = f"{options.allocation!r} shares are computed from whole layer shapes"
+    if options.regrow:
+        refused["regrow"] = "regrowth ranks pruned weights by gradients on other ranks' rows too"
     if options.criterion.reconstructs:
         refused["criterion"] = f"{options.criterion.name!r} reconstructs whole layers from their inputs"
     return refused
