@@ -73,7 +73,7 @@ def check_strategy(strategy: Strategy) -> None:
     names = {cls.__name__ for cls in type(strategy).__mro__}
     if "FSDPStrategy" in names:
         raise ValueError(
-            "PruningCallback does not support FSDPStrategy (FSDP1): its flat parameters hide each weight's "
+            "PruningCallback does not support strategy FSDPStrategy (FSDP1): its flat parameters hide each weight's "
             "rows from the masks. Use FSDP2 instead: ModelParallelStrategy(data_parallel_size=N, "
             "tensor_parallel_size=1) with torch.distributed.fsdp.fully_shard in configure_model"
         )

@@ -25,7 +25,9 @@ from torch import Tensor, nn
 from lightning_prune import PruningCallback
 from lightning_prune.callback import check_strategy
 
-SUPPORTED = r"Supported: single device and DDP \('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'\)"
+SUPPORTED = r"Supported: single device, DDP \('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'\) and ModelParallelStrategy"
+#: FSDP1 is pointed to FSDP2 (ModelParallelStrategy with fully_shard).
+FSDP1 = r"does not support strategy FSDPStrategy \(FSDP1\).*Use FSDP2 instead: ModelParallelStrategy"
 
 
 def fake_deepspeed() -> Strategy:
@@ -53,10 +55,11 @@ class StepCounter(pl.Callback):
         lambda: SingleDeviceStrategy(device=torch.device("cpu")),
         lambda: DDPStrategy(),
         lambda: DDPStrategy(start_method="spawn"),
+        lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
     ],
-    ids=["single_device", "ddp", "ddp_spawn"],
+    ids=["single_device", "ddp", "ddp_spawn", "model_parallel"],
 )
-def test_check_strategy_accepts_single_device_and_ddp(make: Any) -> None:
+def test_check_strategy_accepts_single_device_ddp_and_fsdp2(make: Any) -> None:
     strategy = make()
     check_strategy(strategy)
     # The callback's setup does the same check at the start of fit.
@@ -69,14 +72,14 @@ def test_check_strategy_accepts_single_device_and_ddp(make: Any) -> None:
         (lambda: FSDPStrategy(), "FSDPStrategy"),
         (fake_deepspeed, "DeepSpeedStrategy"),
         (real_deepspeed_class, "DeepSpeedStrategy"),
-        (lambda: ModelParallelStrategy(), "ModelParallelStrategy"),
     ],
-    ids=["fsdp", "deepspeed_by_name", "deepspeed_lightning_class", "model_parallel"],
+    ids=["fsdp", "deepspeed_by_name", "deepspeed_lightning_class"],
 )
 def test_check_strategy_refuses_sharded_strategies(make: Any, name: str) -> None:
     strategy = make()
     assert type(strategy).__name__ == name
-    with pytest.raises(ValueError, match=rf"does not support strategy {name}\b.*{SUPPORTED}"):
+    expected = FSDP1 if name == "FSDPStrategy" else rf"does not support strategy {name}\b.*{SUPPORTED}"
+    with pytest.raises(ValueError, match=expected):
         check_strategy(strategy)
 
 
@@ -93,12 +96,12 @@ def test_fsdp_is_refused_at_setup() -> None:
         assert "requires a GPU accelerator" in str(error), "Lightning refused FSDP for another reason"
         trainer = None
     if trainer is not None:  # a Lightning that runs FSDP on CPU: the real fit must fail early
-        with pytest.raises(ValueError, match=rf"does not support strategy FSDPStrategy.*{SUPPORTED}"):
+        with pytest.raises(ValueError, match=FSDP1):
             trainer.fit(TinyModule(), tiny_loader())
         assert counter.steps == 0
         return
     stub = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match=rf"does not support strategy FSDPStrategy.*{SUPPORTED}"):
+    with pytest.raises(ValueError, match=FSDP1):
         pruning.setup(stub, TinyModule(), "fit")  # type: ignore[arg-type]
     assert pruning.pruner is None
 
