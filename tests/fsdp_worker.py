@@ -182,6 +182,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ckpt-dir", default=None)
     parser.add_argument("--ckpt-path", default=None)
     parser.add_argument("--patterns", default=None, help="override every group's pattern (refusal tests)")
+    parser.add_argument("--one-shot", action="store_true", help="one event at step 0 (calibration criteria)")
     parser.add_argument("--hidden", type=int, default=HIDDEN, help="rows of every hidden layer")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -206,9 +207,10 @@ def main(argv: list[str]) -> None:
             criterion=args.criterion,
             scope=args.scope,
             include=[f"net.{2 * i}" for i in layers],
-            start_step=0 if args.criterion == "magnitude" else 1,
-            end_step=12,
+            start_step=0 if args.criterion == "magnitude" or args.one_shot else 1,
+            end_step=0 if args.one_shot else 12,
             frequency=3,
+            calibration_batches=4 if args.one_shot else None,
             name=name,
             verbose=False,
         )

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from test_ddp import LAUNCH_VARIABLES, free_port, launch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from lightning_prune import Pruner, PruningOptions, Schedule
 
@@ -155,9 +156,56 @@ def test_resume_from_a_distributed_checkpoint_matches_the_uninterrupted_run(
         assert resumed["final_weights"] == straight0["final_weights"]
 
 
+def test_a_state_saved_on_two_ranks_loads_whole_into_one_process(
+    magnitude_run: tuple[Result, Result, Path],
+) -> None:
+    # The callback's state in the distributed checkpoint holds whole masks, whatever the world size.
+    _, _, out = magnitude_run
+    saved = torch.load(out / "checkpoints" / "epoch=0.ckpt" / "meta.pt", weights_only=False)
+    events = torch.load(out / "events.pt", weights_only=False)
+    for group, (pattern, layers) in GROUPS.items():
+        state = saved["callbacks"][f"PruningCallback[{group}]"]
+        options = PruningOptions(
+            target_sparsity=0.5, pattern=pattern, include=[f"net.{2 * i}" for i in layers]
+        )
+        pruner = Pruner(Whole(), Schedule(**state["schedule"]), options)
+        pruner.load_state_dict(state)
+        (at_nine,) = [
+            e for e in events if e["step"] == 9 and e["targets"] == [t.name for t in pruner.targets]
+        ]
+        for target, mask in zip(pruner.targets, pruner.masks, strict=True):
+            assert torch.equal(mask, at_nine["masks"][target.name]), target.name
+
+
 def test_row_blocks_that_straddle_a_shard_cut_are_refused_naming_the_layer(tmp_path: Path) -> None:
     # 24 rows over 2 ranks: 12 each, so an 8x1 block (rows 8-15) would straddle the cut at row 12.
     # Both ranks refuse before the first step (neither waits in a collective).
     stderr = run_worker(tmp_path, "--hidden", "24", "--patterns", "8x1", expect_failure=True)
     assert isinstance(stderr, str)
     assert "net.0 has 24 rows, cut between ranks at rows [12]: row 12 is inside a group of 8 rows" in stderr
+
+
+def test_wanda_statistics_are_summed_over_the_ranks_and_its_masks_equal_one_process(tmp_path: Path) -> None:
+    # One-shot at step 0 from 4 calibration batches per rank (the first 64 samples between them).
+    rank0, rank1 = run_worker(tmp_path, "--criterion", "wanda", "--one-shot")  # type: ignore[misc]
+    assert rank0["event_steps"] == [0] * 4 and rank0["event_masks"] == rank1["event_masks"]
+    events = torch.load(tmp_path / "events.pt", weights_only=False)
+    first = next(e for e in events if "net.0" in e["targets"])
+    # net.0 reads the data itself: its statistic is the squared inputs of both ranks' batches, the
+    # first 32 samples each of Lightning's DistributedSampler (shuffled, seed 0) over the worker's data.
+    x = torch.randn(160, 16, generator=torch.Generator().manual_seed(0))
+    seen = [
+        index
+        for rank in (0, 1)
+        for index in list(DistributedSampler(range(160), num_replicas=2, rank=rank, shuffle=True, seed=0))[
+            :32
+        ]
+    ]
+    assert len(set(seen)) == 64
+    expected = x[seen].square().sum(0, keepdim=True)
+    torch.testing.assert_close(first["state"]["buffers"]["net.0"], expected)
+    for event in events:
+        expected = replay(event, "wanda")
+        for name, mask in event["masks"].items():
+            assert torch.equal(mask, expected[name]), name
+    assert rank0["zero_fraction"] == pytest.approx(0.5)
