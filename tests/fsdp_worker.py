@@ -182,6 +182,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ckpt-dir", default=None)
     parser.add_argument("--ckpt-path", default=None)
     parser.add_argument("--patterns", default=None, help="override every group's pattern (refusal tests)")
+    parser.add_argument("--full-state", action="store_true", help="checkpoints as one file, not sharded")
     parser.add_argument("--one-shot", action="store_true", help="one event at step 0 (calibration criteria)")
     parser.add_argument("--hidden", type=int, default=HIDDEN, help="rows of every hidden layer")
     parser.add_argument("--seed", type=int, default=0)
@@ -222,7 +223,9 @@ def main(argv: list[str]) -> None:
             ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
         )
     trainer = pl.Trainer(
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=not args.full_state
+        ),
         accelerator="cpu",
         devices=2,
         max_epochs=args.max_epochs,

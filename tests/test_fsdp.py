@@ -137,8 +137,18 @@ def test_magnitude_masks_over_shards_equal_one_process_at_every_event(
 
 
 def test_snip_momentum_on_sharded_gradients_equals_one_process_at_every_event(tmp_path: Path) -> None:
-    rank0, rank1 = run_worker(tmp_path, "--criterion", "snip_momentum")  # type: ignore[misc]
+    checkpoints = tmp_path / "checkpoints"
+    args = ["--criterion", "snip_momentum", "--full-state", "--ckpt-dir", str(checkpoints)]
+    rank0, rank1 = run_worker(tmp_path, *args)  # type: ignore[misc]
     check_run(rank0, rank1, tmp_path, "snip_momentum")
+    # A full-state checkpoint (one file) holds the whole masks and score buffers too.
+    saved = torch.load(checkpoints / "epoch=0.ckpt", weights_only=False)
+    events = torch.load(tmp_path / "events.pt", weights_only=False)
+    state = saved["callbacks"]["PruningCallback[blocks]"]
+    last = [e for e in events if e["step"] <= saved["global_step"] and "net.4" in e["targets"]][-1]
+    for name in ("net.4", "net.6"):
+        assert torch.equal(state["masks"][name], last["masks"][name])
+        assert state["buffers"][name].shape == (32, 32) and state["buffers"][name].abs().sum() > 0
 
 
 def test_resume_from_a_distributed_checkpoint_matches_the_uninterrupted_run(
