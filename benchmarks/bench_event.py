@@ -48,7 +48,8 @@ from results_file import cpu_model
 from results_file import write_section as write_results_section
 from torch import nn
 
-import lightning_prune.pruner as pruner_module
+# The module through which an event calls select_groups (the Pruner goes through allocation.py).
+import lightning_prune.allocation as selection_module
 from lightning_prune import NMPattern, Pruner, PruningOptions, Schedule
 
 START, END = "<!-- bench_event:start -->", "<!-- bench_event:end -->"
@@ -157,14 +158,14 @@ def load_baseline(revision: str) -> Callable[[], contextlib.AbstractContextManag
 
     @contextlib.contextmanager
     def swapped() -> Iterator[None]:
-        select, methods = pruner_module.select_groups, {n: vars(NMPattern).get(n) for n in names}
-        pruner_module.select_groups = thresholds.select_groups
+        select, methods = selection_module.select_groups, {n: vars(NMPattern).get(n) for n in names}
+        selection_module.select_groups = thresholds.select_groups
         for name in names:
             setattr(NMPattern, name, vars(old_nm)[name])
         try:
             yield
         finally:
-            pruner_module.select_groups = select
+            selection_module.select_groups = select
             for name, method in methods.items():
                 if method is None:
                     delattr(NMPattern, name)

@@ -93,11 +93,11 @@ def test_distributions_hold_what_their_names_say(kind: str) -> None:
 def test_baseline_swaps_in_the_old_code_and_back(monkeypatch: pytest.MonkeyPatch) -> None:
     # The current revision as its own baseline: the swap must install other function objects, then
     # restore the originals exactly.
-    select = bench_event.pruner_module.select_groups
+    select = bench_event.selection_module.select_groups
     methods = dict(vars(bench_event.NMPattern))
     swap = bench_event.load_baseline("HEAD")
     with swap():
-        assert bench_event.pruner_module.select_groups is not select
+        assert bench_event.selection_module.select_groups is not select
         assert vars(bench_event.NMPattern)["group_costs"] is not methods["group_costs"]
-    assert bench_event.pruner_module.select_groups is select
+    assert bench_event.selection_module.select_groups is select
     assert dict(vars(bench_event.NMPattern)) == methods
