@@ -242,8 +242,8 @@ def rows_per_group(pattern: Pattern, standard_shape: torch.Size, shard: RowShard
 
 
 def spans_all_rows(pattern: Pattern, standard_shape: torch.Size, shard: RowShard) -> bool:
-    """Whether each group of the pattern spans every row of the layer (``channelx1``), when it has
-    more than one row."""
+    """Whether each group of the pattern spans every row of the layer (``channelx1``), so rows on
+    several ranks (a layer of one row stays on one rank)."""
     return shard.rows > 1 and rows_per_group(pattern, standard_shape, shard) == shard.rows
 
 
@@ -320,6 +320,17 @@ def plan_shards(targets: list[Target], pattern: Pattern, options: PruningOptions
         rows = int(target.param.shape[0])
         shards.append(RowShard(rows=rows, offset=int(offsets[collectives.rank, i]), count=int(counts[i])))
     plan = ShardPlan(shards, collectives)
+    empty = [
+        f"{t.name} has {int(t.param.shape[0])} rows for {collectives.world_size} ranks, so some rank holds none"
+        for i, t in enumerate(targets)
+        if is_sharded(t.param) and bool((torch.stack(per_rank)[:, i] == 0).any())
+    ]
+    if empty:
+        raise ValueError(
+            "lightning_prune cannot prune these sharded (FSDP2) weights: "
+            + "; ".join(empty)
+            + ". Exclude them (exclude=[...]) or leave them unsharded"
+        )
     misaligned = _misaligned(targets, plan, pattern, offsets)
     if misaligned:
         raise ValueError(

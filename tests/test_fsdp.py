@@ -219,3 +219,10 @@ def test_wanda_statistics_are_summed_over_the_ranks_and_its_masks_equal_one_proc
         for name, mask in event["masks"].items():
             assert torch.equal(mask, expected[name]), name
     assert rank0["zero_fraction"] == pytest.approx(0.5)
+
+
+def test_a_layer_with_fewer_rows_than_ranks_is_refused_naming_it(tmp_path: Path) -> None:
+    # One row per hidden layer: rank 1 holds no row of any of them.
+    stderr = run_worker(tmp_path, "--hidden", "1", "--patterns", "1x1", expect_failure=True)
+    assert isinstance(stderr, str)
+    assert "net.0 has 1 rows for 2 ranks, so some rank holds none" in stderr
