@@ -69,6 +69,24 @@ START_MARKER = "<!-- bench_quality:start -->"
 END_MARKER = "<!-- bench_quality:end -->"
 CSV_NAME = "quality_results.csv"
 PNG_NAME = "quality.png"
+#: What ``--label`` may hold: it names a section of its own and the files beside it.
+LABEL = re.compile(r"[a-z0-9_]+")
+
+
+def markers(label: str | None) -> tuple[str, str]:
+    """The section's start and end markers: ``bench_quality``'s, or ``bench_quality/<label>``'s."""
+    if label is None:
+        return START_MARKER, END_MARKER
+    return f"<!-- bench_quality/{label}:start -->", f"<!-- bench_quality/{label}:end -->"
+
+
+def file_names(label: str | None) -> tuple[str, str]:
+    """The CSV and plot names: ``quality_results.csv`` and ``quality.png``, or with ``_<label>``."""
+    if label is None:
+        return CSV_NAME, PNG_NAME
+    return f"quality_{label}_results.csv", f"quality_{label}.png"
+
+
 RESULTS_HEADER = (
     "# Benchmark results\n\n"
     "Each section below is written by the script it names; rerun it with `--write-results` to refresh it.\n"
@@ -105,6 +123,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=1,
         help="worker processes for the arms (and INC's seeds), each with --threads torch threads",
     )
+    parser.add_argument(
+        "--label",
+        default=None,
+        help="write a section of its own (bench_quality/LABEL) and quality_LABEL_results.csv, quality_LABEL.png, "
+        "leaving the default run's section and files alone",
+    )
     parser.add_argument("--no-inc", action="store_true", help="skip the INC arm even if its venv exists")
     parser.add_argument("--inc-python", type=Path, default=INC_PYTHON, help="interpreter of INC's venv")
     parser.add_argument(
@@ -137,6 +161,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             parser.error(f"--arms {args.arms!r} is not a regular expression: {error}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps {args.steps} must be >= 1")
+    if args.label is not None and not LABEL.fullmatch(args.label):
+        parser.error(f"--label {args.label!r} must be lower-case letters, digits and '_'")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs} must be >= 1")
     if args.threads is not None and args.threads < 1:
@@ -313,24 +339,25 @@ def library_line() -> str:
 
 
 # ---------------------------------------------------------------------------------------- writing
-def replace_section(text: str | None, section: str) -> str:
+def replace_section(text: str | None, section: str, label: str | None = None) -> str:
     """``text`` with its bench_quality section replaced by ``section`` (appended when absent)."""
     if text is None:
         return f"{RESULTS_HEADER}\n{section}\n"
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    start_marker, end_marker = markers(label)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start != -1 and end > start:
-        return text[:start] + section.rstrip("\n") + text[end + len(END_MARKER) :]
+        return text[:start] + section.rstrip("\n") + text[end + len(end_marker) :]
     return f"{text.rstrip()}\n\n{section.rstrip()}\n"
 
 
-def update_results(path: Path, section: str) -> None:
+def update_results(path: Path, section: str, label: str | None = None) -> None:
     """Replace (or add) this script's section of ``path``, keeping everything else.
 
     The file is read right before the atomic write, so that another script's section written
     meanwhile is kept.
     """
     old = path.read_text(encoding="utf-8") if path.exists() else None
-    write_atomically(path, replace_section(old, section))
+    write_atomically(path, replace_section(old, section, label))
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
@@ -366,15 +393,17 @@ def render_section(
     target_lines = "\n".join(f"- {t}" for t in targets)
     seeds = ", ".join(map(str, args.seeds))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return f"""{START_MARKER}
-## Quality kept at each sparsity (`bench_quality.py`)
+    start_marker, end_marker = markers(args.label)
+    csv_name, png_name = file_names(args.label)
+    return f"""{start_marker}
+## Quality kept at each sparsity (`bench_quality.py`{"" if args.label is None else f", `--label {args.label}`"})
 
 Command: `{command}` ({minutes:.1f} min)
 
 Machine: {machine}; device {device}. Load average (1/5/15 min) at start / end: {loads}.
 
 Date: {now}. Seeds: {seeds} (the table shows medians over seeds; every seed's row is in
-`{CSV_NAME}`). Plot: `{PNG_NAME}`.
+`{csv_name}`). Plot: `{png_name}`.
 
 Tasks (every arm: same initial weights, batch stream, Adam and step count):
 {chr(10).join(schedule_lines)}
@@ -409,7 +438,7 @@ Issue 8 targets (GPT task, same step budget):
 
 Notes:
 {note_lines}
-{END_MARKER}
+{end_marker}
 """
 
 
@@ -446,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.replot is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        replot(args.replot, args.output.parent / PNG_NAME)
+        replot(args.replot, args.output.parent / file_names(args.label)[1])
         return
     notes: list[str] = []
     inc_ok, inc_line = (False, "INC arm skipped: --no-inc") if args.no_inc else inc_status(args.inc_python)
@@ -486,15 +515,16 @@ def main(argv: list[str] | None = None) -> None:
     print(table, best, lead, *targets, sep="\n\n", flush=True)
     folder = args.output.parent
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder / CSV_NAME, render_csv(rows))
+    csv_name, png_name = file_names(args.label)
+    write_atomically(folder / csv_name, render_csv(rows))
     titles = {
         t.name: f"{t.name}: {t.metric} ({'higher' if t.higher_is_better else 'lower'} is better)"
         for t in tasks
     }
-    write_bytes_atomically(folder / PNG_NAME, plot(summaries, folder / PNG_NAME, titles))
+    write_bytes_atomically(folder / png_name, plot(summaries, folder / png_name, titles))
     section = render_section(args, argv, tasks, table, best, targets, notes, machine, loads, minutes, lead)
-    update_results(args.output, section)
-    print(f"wrote {args.output}, {folder / CSV_NAME}, {folder / PNG_NAME}", flush=True)
+    update_results(args.output, section, args.label)
+    print(f"wrote {args.output}, {folder / csv_name}, {folder / png_name}", flush=True)
     failed = [f"{r['task']} {r['arm']} seed {r['seed']}" for r in rows if r["error"] and r["method"] != "inc"]
     if failed:
         raise SystemExit(f"{len(failed)} arm(s) failed (rows kept in the results): {failed}")

@@ -86,6 +86,7 @@ def test_quick_run_writes_table_csv_and_plot(tmp_path: Path) -> None:
         (["--threads", "0"], "--threads"),
         (["--steps", "0"], "--steps"),
         (["--jobs", "0"], "--jobs"),
+        (["--label", "Has Space"], "--label"),
     ],
 )
 def test_bad_arguments_fail_early_naming_the_argument(
@@ -173,3 +174,14 @@ def test_per_seed_lead_compares_each_seed_with_that_seeds_best_peer() -> None:
     line = next(x for x in text.splitlines() if x.startswith("| `ours/"))
     assert "-1.01%, -0.24%" in line and line.endswith("| 1/2 seeds |")
     assert "seed 0: `inc/magnitude/1x1` 1.9800, seed 1: `modelpruning/l1/1x1` 2.1000" in text
+
+
+def test_a_label_writes_its_own_section_and_files_beside_the_default_ones() -> None:
+    assert bench_quality.file_names(None) == ("quality_results.csv", "quality.png")
+    assert bench_quality.file_names("long") == ("quality_long_results.csv", "quality_long.png")
+    start, end = bench_quality.markers("long")
+    default = f"{bench_quality.START_MARKER}\ndefault run\n{bench_quality.END_MARKER}\n"
+    text = bench_quality.replace_section(default, f"{start}\nlong run\n{end}\n", "long")
+    assert text.startswith(default) and f"{start}\nlong run\n{end}" in text  # appended, default kept
+    again = bench_quality.replace_section(text, f"{start}\nrerun\n{end}\n", "long")
+    assert again.startswith(default) and "long run" not in again and "rerun" in again

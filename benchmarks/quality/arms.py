@@ -37,6 +37,15 @@ VARIANT_CRITERIA = ("magnitude", "snip_momentum")
 #: INC's decaying snip-momentum (``S = 0.9 S + 1.0 |W G|``), next to ours (``S = S + 0.9 |W G|``).
 DECAY = "snip_momentum_decay"
 CURVE = "exp"  # the callback's default curve, given to ModelPruning and INC as well
+#: Issue 21's options at unstructured 90% (magnitude): per-layer ERK shares, regrowth inside the
+#: window, an initial one-shot share, and ERK with the first-event rewind ``ModelPruning`` does.
+HIGH_SPARSITY_OPTIONS: tuple[tuple[tuple[str, Any], ...], ...] = (
+    (("allocation", "erk"),),
+    (("regrow", 0.3),),
+    (("allocation", "erk"), ("regrow", 0.3)),
+    (("initial_sparsity", 0.5),),
+    (("allocation", "erk"), ("rewind", 0), ("rewind_events", "first")),
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,10 @@ def all_arms(inc: bool) -> list[Arm]:
         Arm("ours", "magnitude", "1x1", unstructured, options=(("rewind", 0),)),
         Arm("ours", "magnitude", "1x1", unstructured, options=(("rewind", 0), ("rewind_events", "first"))),
         Arm("ours", "magnitude", "1x1", unstructured, options=(("rewind", 0), ("rewind_events", "last"))),
+        *(
+            Arm("ours", "magnitude", "1x1", unstructured, options=options)
+            for options in HIGH_SPARSITY_OPTIONS
+        ),
     ]
     # Wanda and SparseGPT prune a trained model once from calibration data: bench_calibration.py.
     while_training = [name for name in sorted(CRITERIA) if not CRITERIA[name].calibrates]
