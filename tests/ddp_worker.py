@@ -303,6 +303,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dense", action="store_true", help="train without the pruning callback")
     parser.add_argument("--model", default="mlp", choices=["mlp", "transformer"])
     parser.add_argument("--scope", default="global", choices=["global", "local"])
+    parser.add_argument("--allocation", default="scope", choices=["scope", "erk"])
+    parser.add_argument("--regrow", type=float, default=0.0, help="regrowth share (0: off)")
     return parser.parse_args(argv)
 
 
@@ -333,6 +335,8 @@ def main(argv: list[str]) -> None:
         frequency=args.frequency,
         progressive=Progressive(steps=args.progressive) if args.progressive else False,
         scope=args.scope,
+        allocation=args.allocation,
+        regrow=args.regrow,
         verbose=False,
     )
     recorder = Recorder(pruning, out)

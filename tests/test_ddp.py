@@ -270,6 +270,19 @@ def test_rank_dependent_scores_give_the_same_progressive_fade_everywhere(
     assert_reaches(rank0, 0.75)
 
 
+def test_rank_dependent_scores_with_erk_and_regrowth_give_rank_zero_masks_everywhere(
+    tmp_path: Path,
+) -> None:
+    # Regrowth picks from the (reduced) gradients after each rank's own selection: rank 0's wins.
+    options = ["--allocation", "erk", "--regrow", "0.3"]
+    rank0, rank1 = run_worker(
+        tmp_path, "--rank-noise", "--pattern", "4x1", "--sparsity", "0.75", *options, *WINDOW
+    )
+    assert_noise_overridden(rank0, rank1, broadcasts_per_event=1)
+    assert_ranks_agree(rank0, rank1, [3, 6, 9, 12])
+    assert_reaches(rank0, 0.75)
+
+
 def test_movement_masks_agree_and_reach_target(straight_run: tuple[Result, Result, Path]) -> None:
     rank0, rank1, _ = straight_run
     assert_ranks_agree(rank0, rank1, [5, 10, 15])
