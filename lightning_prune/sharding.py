@@ -78,12 +78,14 @@ class RowShard:
     Args:
         rows: rows of the whole stored weight (its dim 0).
         offset: the first of them held here.
-        count: how many are held here (0 on ranks past the last chunk).
+        count: how many are held here.
+        counts: how many each rank holds, in rank order.
     """
 
     rows: int
     offset: int
     count: int
+    counts: tuple[int, ...]
 
 
 class ProcessGroupCollectives:
@@ -129,12 +131,6 @@ class ProcessGroupCollectives:
         """Partial group costs combined over the ranks in place (``"sum"`` or ``"max"``)."""
         dist.all_reduce(costs, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
         return costs
-
-    def sum_floats(self, values: list[float]) -> list[float]:
-        """Small float64 values summed over the ranks (counts for the reports)."""
-        total = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(total, group=self.group)
-        return [float(v) for v in total]
 
 
 @dataclass
@@ -207,14 +203,13 @@ class ShardPlan:
         shard = self.shards[index]
         assert shard is not None
         world = self.collectives.world_size
-        chunk = -(-shard.rows // world)  # torch.chunk's rows per rank, the last ranks short
+        chunk = max(shard.counts)  # all_gather takes equal sizes: pad to the largest shard
         local_bytes = tensor.detach().to(self.collectives.device).contiguous().view(torch.uint8)
         padded = local_bytes.new_zeros((chunk, *local_bytes.shape[1:]))
         padded[: local_bytes.shape[0]] = local_bytes
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded, group=self.collectives.group)
-        rows = [min(chunk, max(0, shard.rows - r * chunk)) for r in range(world)]
-        whole = torch.cat([part[:n].cpu() for part, n in zip(parts, rows, strict=True)])
+        whole = torch.cat([part[:n].cpu() for part, n in zip(parts, shard.counts, strict=True)])
         return whole.view(tensor.dtype)
 
     def rows_of(self, index: int, whole: Tensor) -> Tensor:
@@ -318,7 +313,8 @@ def plan_shards(targets: list[Target], pattern: Pattern, options: PruningOptions
             shards.append(None)
             continue
         rows = int(target.param.shape[0])
-        shards.append(RowShard(rows=rows, offset=int(offsets[collectives.rank, i]), count=int(counts[i])))
+        offset, held = int(offsets[collectives.rank, i]), tuple(int(part[i]) for part in per_rank)
+        shards.append(RowShard(rows=rows, offset=offset, count=int(counts[i]), counts=held))
     plan = ShardPlan(shards, collectives)
     empty = [
         f"{t.name} has {int(t.param.shape[0])} rows for {collectives.world_size} ranks, so some rank holds none"
