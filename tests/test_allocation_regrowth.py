@@ -166,6 +166,7 @@ def _train(regrow: float, steps: int = 60) -> tuple[Pruner, list[torch.Tensor]]:
     return pruner, history
 
 
+@pytest.mark.slow
 def test_pruner_regrowth_revives_weights_before_the_last_event_only() -> None:
     pruner, masks = _train(0.3)
     assert pruner.sparsity == pytest.approx(0.8, abs=1e-3)
@@ -219,6 +220,7 @@ def test_new_options_go_through_configs() -> None:
     assert callback.options.settings()["regrow"] == "0.25"
 
 
+@pytest.mark.slow
 def test_initial_sparsity_prunes_its_share_before_the_first_step() -> None:
     callback = PruningCallback(
         target_sparsity=0.8, pattern="4x1", initial_sparsity=0.5, start_step=0, end_step=20, frequency=5,
