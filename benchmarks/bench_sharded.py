@@ -4,8 +4,9 @@ The same MLP (``--layers`` Linear layers of ``--width``, about 8.4M weights by d
 Lightning's ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` with
 ``fully_shard`` on every Linear, on ``N = 1`` and ``N = 2`` CPU processes (gloo), with and without
 ``PruningCallback`` (1x1 to 90%, global magnitude, events at steps 20 and 40). Every (ranks,
-pruning) arm is one fresh run; the four arms run in turn, ``--rounds`` times (interleaved, so the
-machine's load falls on all alike), and the tables show medians over rounds.
+pruning) arm is one fresh run; the four arms run in turn, ``--rounds`` times (interleaved, in
+reverse order every other round, so the machine's load falls on all alike), and the tables show
+medians over rounds.
 
 - step time: rank 0's wall time from ``on_train_batch_start`` to ``on_train_batch_end`` over the
   steps that hold no event (the first 5 steps of a run are warm-up and left out); the ratio of
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         (n, p): [] for n in (1, 2) for p in (False, True)
     }
     for round_index in range(args.rounds):
-        for ranks, pruned in results:
+        arms = list(results)
+        for ranks, pruned in arms if round_index % 2 == 0 else reversed(arms):  # no arm always first
             result = run_arm(args, ranks, pruned)
             results[(ranks, pruned)].append(result)
             print(
