@@ -417,11 +417,14 @@ class Pruner:
         criterion = self.options.criterion
         if not criterion.needs_gradients or self.finished:
             return  # no event left to use the scores
-        grads = [local(t.param.grad) for t in self.targets if t.param.grad is not None]
+        grads = [t.param.grad for t in self.targets if t.param.grad is not None]
         if not grads:
             return
+        grads.extend(also_check)
+        if self.shards is not None:
+            grads = [local(g) for g in grads]
         with torch.no_grad():
-            finite = torch.stack([g.isfinite().all() for g in [*grads, *map(local, also_check)]]).all()
+            finite = torch.stack([g.isfinite().all() for g in grads]).all()
             if self.shards is not None:  # every rank skips the step, or none does
                 finite = self.shards.collectives.all_true(finite)
             for target, buffer in zip(self.targets, self.buffers, strict=True):
@@ -553,14 +556,11 @@ class Pruner:
                 continue
             if shards is None:
                 costs = pattern.group_costs(standard)
-                group_size, numel, span = pattern.group_size(standard.shape), score.numel(), None
-            else:  # this rank's rows; groups spanning all rows scored whole (sharding.py)
-                costs = shards.complete_costs(index, pattern, standard)
-                span = shards.span(index, pattern, standard.shape)
-                group_size = pattern.group_size(torch.Size((target.param.shape[0], *standard.shape[1:])))
-                numel = span.numel if span.replicated else score.numel()
-            rows = costs.shape[0] if costs.dim() > 1 else 1  # the "row" scope ranks each on its own
-            layers.append(LayerGroups(costs.flatten(), group_size, numel, rows, span))
+                rows = costs.shape[0] if costs.dim() > 1 else 1  # the "row" scope ranks each on its own
+                layer = LayerGroups(costs.flatten(), pattern.group_size(standard.shape), score.numel(), rows)
+            else:  # this rank's rows, with the whole layer's totals (sharding.py)
+                costs, layer = shards.layer_groups(index, pattern, standard)
+            layers.append(layer)
             scores.append((standard, costs.shape))
         if self.coupled is not None:
             layers = self.coupled.layer_groups([standard for standard, _ in scores])
@@ -606,9 +606,7 @@ class Pruner:
             broadcast_from_rank_zero(self.rewind.restore(self.targets))  # resampled draws differ by rank
         self.apply_masks()
         # What the event decided; under a progressive fade the weights get there over the fade.
-        counts = torch.stack([c.cpu() for c in pruned_counts]).tolist()
-        if self.shards is not None:
-            counts = self.shards.total_counts(counts)
+        counts = self._totals(torch.stack([c.cpu() for c in pruned_counts]).tolist())
         sizes = [t.param.numel() for t in self.targets]  # a DTensor's numel is the whole weight's
         layer_sparsity = {t.name: c / n for t, c, n in zip(self.targets, counts, sizes, strict=True)}
         event = PruningEvent(self.step, sparsity, sum(counts) / sum(sizes), layer_sparsity)
@@ -692,8 +690,8 @@ class Pruner:
             "pattern": str(self.options.pattern),
             "options": self.settings(),
             "schedule": asdict(self.schedule),
-            "masks": dict(zip(names, self._whole(self.masks), strict=True)),
-            "buffers": dict(zip(names, self._whole(self.buffers), strict=True)),
+            "masks": dict(zip(names, self._whole(self.masks, [True] * len(names)), strict=True)),
+            "buffers": dict(zip(names, self._whole(self.buffers, self._row_buffers), strict=True)),
             "events": [asdict(e) for e in self.events],
             "gradient_steps": self.gradient_steps,
             "calibration_calls": self.calibration_calls,
@@ -702,18 +700,22 @@ class Pruner:
             "couplings": None if self.coupled is None else self.coupled.describe(),
         }
 
-    def _whole(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    def _whole(self, tensors: Sequence[Tensor | None], by_rows: Sequence[bool]) -> list[Tensor | None]:
         """Masks or buffers with the rows of every rank, for the checkpoint (under FSDP2, a collective:
-        every rank gathers, so a state saved on any number of ranks loads on any other)."""
+        every rank gathers, so a state saved on any number of ranks loads on any other).
+
+        Args:
+            tensors: one per target.
+            by_rows: per target, whether its tensor holds the weight's local rows (masks do; a
+                criterion's state does when it was built from the sharded weight).
+        """
         shards = self.shards
         if shards is None:
             return list(tensors)
-        whole: list[Tensor | None] = []
-        for index, tensor in enumerate(tensors):
-            by_rows = tensor is self.masks[index] or self._row_buffers[index]
-            split = tensor is not None and by_rows and shards.sharded(index)
-            whole.append(shards.gather(index, tensor) if split and tensor is not None else tensor)
-        return whole
+        return [
+            shards.gather(index, tensor) if tensor is not None and rows and shards.sharded(index) else tensor
+            for index, (tensor, rows) in enumerate(zip(tensors, by_rows, strict=True))
+        ]
 
     def _whole_buffer_shapes(self) -> list[Tensor | None]:
         """Stand-ins with the whole weights' buffer shapes, for checking a saved state."""

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_prune.patterns import REDUCTIONS, NMPattern, Pattern, UnstructuredPattern, _BlockPattern
-from lightning_prune.thresholds import Span
+from lightning_prune.thresholds import LayerGroups, Span
 
 if TYPE_CHECKING:
     from lightning_prune.options import PruningOptions
@@ -73,19 +73,30 @@ def local_with_grad(param: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class RowShard:
-    """The rows of one sharded weight this rank holds.
+    """How the rows of one sharded weight are spread over the ranks.
 
     Args:
-        rows: rows of the whole stored weight (its dim 0).
-        offset: the first of them held here.
-        count: how many are held here.
-        counts: how many each rank holds, in rank order.
+        counts: rows each rank holds, in rank order (``Shard(0)`` chunks follow the mesh order).
+        rank: this rank.
     """
 
-    rows: int
-    offset: int
-    count: int
     counts: tuple[int, ...]
+    rank: int
+
+    @property
+    def rows(self) -> int:
+        """Rows of the whole stored weight (its dim 0)."""
+        return sum(self.counts)
+
+    @property
+    def offset(self) -> int:
+        """The first row held here."""
+        return sum(self.counts[: self.rank])
+
+    @property
+    def cuts(self) -> list[int]:
+        """The rows where one rank's rows end and the next rank's begin."""
+        return [sum(self.counts[:r]) for r in range(1, len(self.counts))]
 
 
 class ProcessGroupCollectives:
@@ -140,35 +151,38 @@ class ShardPlan:
     Args:
         shards: per target, its :class:`RowShard` (``None``: a plain tensor, the same on every rank).
         collectives: the data-parallel group's collectives.
+        spans: per target, the whole layer's totals for the selection (``replicated``: every rank
+            holds all its group costs, a plain tensor's or groups spanning every row).
+        group_sizes: per target, the weights one group of the whole layer zeroes.
     """
 
     shards: list[RowShard | None]
     collectives: ProcessGroupCollectives
+    spans: list[Span]
+    group_sizes: list[int]
 
     def sharded(self, index: int) -> bool:
         """Whether target ``index`` is split over the ranks."""
         return self.shards[index] is not None
 
-    def span(self, index: int, pattern: Pattern, standard_shape: torch.Size) -> Span:
-        """The layer's totals for the selection, from this rank's standard-layout shape of target ``index``."""
-        shard = self.shards[index]
-        if shard is None:  # a plain tensor: the same on every rank
-            groups = group_shape(pattern, standard_shape).numel()
-            return Span(groups, standard_shape.numel(), True, self.collectives)
-        whole = whole_shape(standard_shape, shard)
-        groups = group_shape(pattern, whole).numel()
-        # Groups spanning every row are scored whole on every rank (complete_costs).
-        replicated = spans_all_rows(pattern, standard_shape, shard)
-        return Span(groups, whole.numel(), replicated, self.collectives)
+    def layer_groups(self, index: int, pattern: Pattern, standard: Tensor) -> tuple[Tensor, LayerGroups]:
+        """Group costs of target ``index`` from its local standard-layout scores, and its
+        :class:`LayerGroups` for the selection.
 
-    def complete_costs(self, index: int, pattern: Pattern, standard: Tensor) -> Tensor:
-        """Group costs of target ``index`` from its local standard-layout scores, whole over the ranks.
-
-        For groups within the local rows these are the pattern's own costs; for groups spanning every
-        row (whole input channels) the partial sums (or maxima) are combined over the ranks.
+        Groups within the local rows are the pattern's own; groups spanning every row (whole input
+        channels) are summed (or maxed) over the ranks, then every rank holds them whole.
         """
+        span = self.spans[index]
+        costs = (
+            self._whole_costs(index, pattern, standard) if span.replicated else pattern.group_costs(standard)
+        )
+        numel = span.numel if span.replicated else standard.numel()
+        rows = costs.shape[0] if costs.dim() > 1 else 1  # the "row" scope ranks each on its own
+        return costs, LayerGroups(costs.flatten(), self.group_sizes[index], numel, rows, span)
+
+    def _whole_costs(self, index: int, pattern: Pattern, standard: Tensor) -> Tensor:
         shard = self.shards[index]
-        if shard is None or not spans_all_rows(pattern, standard.shape, shard):
+        if shard is None:
             return pattern.group_costs(standard)
         assert isinstance(pattern, _BlockPattern)
         groups = pattern.group_view(standard)
@@ -181,13 +195,11 @@ class ShardPlan:
             return self.collectives.reduce_costs(partial.contiguous(), "max")
         total = self.collectives.reduce_costs(groups.sum(dim=-1).contiguous(), "sum")
         if pattern.reduce == "mean":
-            total /= pattern.group_size(whole_shape(standard.shape, shard))
+            total /= self.group_sizes[index]
         return total
 
     def total_counts(self, counts: list[int]) -> list[int]:
         """Per target, ``counts`` of this rank summed over the ranks where the target is sharded."""
-        if not any(shard is not None for shard in self.shards):
-            return counts
         summed = self.collectives.sum(
             torch.tensor(
                 [c if shard is not None else 0 for c, shard in zip(counts, self.shards, strict=True)]
@@ -216,7 +228,7 @@ class ShardPlan:
         """This rank's rows of a whole tensor of target ``index``."""
         shard = self.shards[index]
         assert shard is not None
-        return whole[shard.offset : shard.offset + shard.count]
+        return whole[shard.offset : shard.offset + shard.counts[shard.rank]]
 
 
 def group_shape(pattern: Pattern, standard_shape: torch.Size) -> torch.Size:
@@ -224,22 +236,16 @@ def group_shape(pattern: Pattern, standard_shape: torch.Size) -> torch.Size:
     return pattern.group_view(torch.empty(standard_shape, device="meta")).shape[:-1]
 
 
-def whole_shape(standard_shape: torch.Size, shard: RowShard) -> torch.Size:
-    """The whole layer's standard shape, from this rank's."""
-    return torch.Size((shard.rows, *standard_shape[1:]))
-
-
-def rows_per_group(pattern: Pattern, standard_shape: torch.Size, shard: RowShard) -> int:
-    """How many weight rows one row of the pattern's groups covers in the whole layer."""
-    whole = whole_shape(standard_shape, shard)
+def rows_per_group(pattern: Pattern, whole: torch.Size) -> int:
+    """How many rows of a layer of standard shape ``whole`` one row of the pattern's groups covers."""
     groups = group_shape(pattern, whole)
-    return shard.rows // max(1, groups[0] if len(groups) else 1)
+    return whole[0] // max(1, groups[0] if len(groups) else 1)
 
 
-def spans_all_rows(pattern: Pattern, standard_shape: torch.Size, shard: RowShard) -> bool:
+def spans_all_rows(pattern: Pattern, whole: torch.Size) -> bool:
     """Whether each group of the pattern spans every row of the layer (``channelx1``), so rows on
     several ranks (a layer of one row stays on one rank)."""
-    return shard.rows > 1 and rows_per_group(pattern, standard_shape, shard) == shard.rows
+    return whole[0] > 1 and rows_per_group(pattern, whole) == whole[0]
 
 
 def refused_options(options: PruningOptions) -> dict[str, str]:
@@ -303,55 +309,48 @@ def plan_shards(targets: list[Target], pattern: Pattern, options: PruningOptions
             "lightning_prune cannot prune these sharded (FSDP2) weights exactly: " + "; ".join(errors)
         )
     collectives = ProcessGroupCollectives(groups.pop())
-    # Every rank's row counts: Shard(0) puts the ranks' chunks in mesh order, so offsets are sums.
     counts = torch.tensor([local(t.param).shape[0] if is_sharded(t.param) else 0 for t in targets])
-    per_rank = collectives.gather(counts)
-    offsets = torch.cumsum(torch.stack([torch.zeros_like(counts), *per_rank[:-1]]), dim=0)
-    shards: list[RowShard | None] = []
-    for i, target in enumerate(targets):
-        if not is_sharded(target.param):
-            shards.append(None)
-            continue
-        rows = int(target.param.shape[0])
-        offset, held = int(offsets[collectives.rank, i]), tuple(int(part[i]) for part in per_rank)
-        shards.append(RowShard(rows=rows, offset=offset, count=int(counts[i]), counts=held))
-    plan = ShardPlan(shards, collectives)
-    empty = [
-        f"{t.name} has {int(t.param.shape[0])} rows for {collectives.world_size} ranks, so some rank holds none"
+    per_rank = torch.stack(collectives.gather(counts))  # (ranks, targets): every rank's row counts
+    shards = [
+        RowShard(tuple(per_rank[:, i].tolist()), collectives.rank) if is_sharded(t.param) else None
         for i, t in enumerate(targets)
-        if is_sharded(t.param) and bool((torch.stack(per_rank)[:, i] == 0).any())
     ]
-    if empty:
-        raise ValueError(
-            "lightning_prune cannot prune these sharded (FSDP2) weights: "
-            + "; ".join(empty)
-            + ". Exclude them (exclude=[...]) or leave them unsharded"
-        )
-    misaligned = _misaligned(targets, plan, pattern, offsets)
-    if misaligned:
+    problems = [
+        f"{t.name} has {shard.rows} rows for {collectives.world_size} ranks, so some rank holds none"
+        for t, shard in zip(targets, shards, strict=True)
+        if shard is not None and 0 in shard.counts
+    ]
+    problems += _misaligned(targets, shards, pattern)
+    if problems:
         raise ValueError(
             f"lightning_prune cannot prune these sharded (FSDP2) weights with pattern {str(pattern)!r}: "
-            + "; ".join(misaligned)
-            + ". Use a pattern whose row blocks divide each rank's rows, or change the number of ranks"
+            + "; ".join(problems)
+            + ". Exclude such layers (exclude=[...]), use a pattern whose row blocks divide each rank's "
+            "rows, or change the number of ranks"
         )
-    return plan
+    spans, sizes = [], []
+    for target, shard in zip(targets, shards, strict=True):
+        whole = torch.Size(target.layout.standard_shape(tuple(target.param.shape)))  # a DTensor's is whole
+        replicated = shard is None or spans_all_rows(pattern, whole)
+        spans.append(Span(group_shape(pattern, whole).numel(), whole.numel(), replicated, collectives))
+        sizes.append(pattern.group_size(whole))
+    return ShardPlan(shards, collectives, spans, sizes)
 
 
-def _misaligned(targets: list[Target], plan: ShardPlan, pattern: Pattern, offsets: Tensor) -> list[str]:
-    """Targets whose row groups straddle a cut between ranks (``offsets``: per rank, per target)."""
+def _misaligned(targets: list[Target], shards: list[RowShard | None], pattern: Pattern) -> list[str]:
+    """Targets whose row groups straddle a cut between two ranks' rows."""
     reasons = []
-    for i, (target, shard) in enumerate(zip(targets, plan.shards, strict=True)):
+    for target, shard in zip(targets, shards, strict=True):
         if shard is None:
             continue
-        standard = torch.Size(target.layout.standard_shape(tuple(local(target.param).shape)))
-        if spans_all_rows(pattern, standard, shard):
+        whole = torch.Size(target.layout.standard_shape(tuple(target.param.shape)))
+        if spans_all_rows(pattern, whole):
             continue
-        step = rows_per_group(pattern, standard, shard)
-        cuts = sorted({int(offset) for offset in offsets[:, i]} - {0})
-        bad = [cut for cut in cuts if cut % step and cut < shard.rows]
+        step = rows_per_group(pattern, whole)
+        bad = [cut for cut in shard.cuts if cut % step]
         if bad:
             reasons.append(
-                f"{target.name} has {shard.rows} rows, cut between ranks at rows {cuts}: row {bad[0]} is "
+                f"{target.name} has {shard.rows} rows, cut between ranks at rows {shard.cuts}: row {bad[0]} is "
                 f"inside a group of {step} rows"
             )
     return reasons

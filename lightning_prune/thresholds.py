@@ -83,7 +83,7 @@ class Span:
         groups: the layer's groups over all ranks.
         numel: the layer's weights over all ranks.
         replicated: every rank holds all the costs (counted once, as rank 0's).
-        collectives: the ranks' collectives (so that any caller of :func:`select_groups` reaches them).
+        collectives: the ranks' collectives, which the selection of a split layer uses.
     """
 
     groups: int
@@ -154,29 +154,25 @@ def select_groups(
     scope: str,
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
-    collectives: Collectives | None = None,
 ) -> list[Tensor]:
     """Choose the groups to prune so that the targets reach ``sparsity``.
 
     Args:
-        layers: the groups of each targeted layer.
+        layers: the groups of each targeted layer. Layers split over ranks (:attr:`LayerGroups.span`)
+            are selected with their span's collectives: every rank calls with its part of them.
         sparsity: fraction of all targeted weights to zero (global), of each layer's (local) or of
             each row's (row).
         scope: ``"global"``, ``"local"`` or ``"row"``.
         min_sparsity: least sparsity per layer (per row for ``"row"``); capped at ``sparsity`` so
             that a schedule's early, low targets are not overridden.
         max_sparsity: most sparsity per layer (per row for ``"row"``).
-        collectives: the ranks' collectives, needed when a layer's costs are split over them
-            (:attr:`LayerGroups.span`; by default its own); every rank must call with its own part
-            of the same layers.
 
     Returns:
         One 1-D bool tensor per layer (this rank's part of it), ``True`` for each group to prune.
     """
-    if collectives is None:
-        collectives = next((g.span.collectives for g in layers if g.span and g.span.collectives), None)
+    collectives = next((g.span.collectives for g in layers if g.span and g.span.collectives), None)
     if collectives is None and any(layer.split for layer in layers):
-        raise ValueError("layers split over ranks need the ranks' collectives to be selected")
+        raise ValueError("layers split over ranks need their span's collectives to be selected")
     min_sparsity = min(min_sparsity, sparsity)
     if scope == "row":
         return [_lowest_in_each_row(layer, sparsity, min_sparsity, max_sparsity) for layer in layers]
@@ -188,7 +184,7 @@ def select_groups(
         ]
         return [
             _lowest_split(layer, count, collectives)
-            if layer.split and collectives
+            if layer.split and collectives is not None
             else lowest(layer.costs, count)
             for layer, count in zip(layers, counts, strict=True)
         ]

@@ -96,7 +96,10 @@ def spy_on_events() -> None:
         before = self.state_dict()  # gathers masks and buffers from every rank
         weights = {t.name: full(t.param.detach()).clone() for t in self.targets}
         event = original(self, sparsity)
-        after = {t.name: m for t, m in zip(self.targets, self._whole(self.masks), strict=True)}
+        after = {
+            t.name: m
+            for t, m in zip(self.targets, self._whole(self.masks, [True] * len(self.masks)), strict=True)
+        }
         EVENTS.append(
             {
                 "targets": [t.name for t in self.targets],
@@ -139,7 +142,9 @@ class Recorder(pl.Callback):
         for pruning in self.prunings:
             pruner = pruning.pruner
             assert pruner is not None
-            for target, mask in zip(pruner.targets, pruner._whole(pruner.masks), strict=True):
+            for target, mask in zip(
+                pruner.targets, pruner._whole(pruner.masks, [True] * len(pruner.masks)), strict=True
+            ):
                 assert mask is not None
                 weight = full(target.param.detach())
                 masks[target.name] = digest(mask)

@@ -74,17 +74,17 @@ def split_rows(rows: int, world_size: int) -> list[tuple[int, int]]:
 
 
 def shard_layers(
-    costs: list[Tensor], world_size: int, rank: int, replicated: list[bool], group_size: int = 1
+    costs: list[Tensor], collectives: ThreadCollectives, replicated: list[bool], group_size: int = 1
 ) -> list[LayerGroups]:
     """Rank ``rank``'s LayerGroups: each layer's rows of costs (2-D: rows x groups per row)."""
     layers = []
     for full, whole in zip(costs, replicated, strict=True):
         numel = full.numel() * group_size
-        span = Span(groups=full.numel(), numel=numel, replicated=whole)
+        span = Span(full.numel(), numel, whole, collectives)
         if whole:
             layers.append(LayerGroups(full.flatten(), group_size, numel, span=span))
             continue
-        start, end = split_rows(full.shape[0], world_size)[rank]
+        start, end = split_rows(full.shape[0], collectives.world_size)[collectives.rank]
         part = full[start:end].flatten()
         layers.append(LayerGroups(part, group_size, part.numel() * group_size, span=span))
     return layers
@@ -103,8 +103,7 @@ def check_split_equals_whole(
     expected = select_groups(whole, sparsity, scope, *bounds)
 
     def work(collectives: ThreadCollectives) -> list[Tensor]:
-        layers = shard_layers(costs, world_size, collectives.rank, replicated)
-        return select_groups(layers, sparsity, scope, *bounds, collectives=collectives)
+        return select_groups(shard_layers(costs, collectives, replicated), sparsity, scope, *bounds)
 
     per_rank = run_ranks(world_size, work)
     for i, want in enumerate(expected):
